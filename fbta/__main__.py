@@ -1,0 +1,5 @@
+import sys
+
+from fbta.cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""``fbta <command> [key=value ...] [--params params.yaml]``: one command per stage.
+
+Overrides are OmegaConf dot-lists validated against the schema; any config
+error is one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from fbta.config import ConfigError, load_config
+from fbta.slides.cohort import CohortError
+
+# command → (module under fbta.stages, one-line help). DAG order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("synth", "write the synthetic demo cohort (slides, labels.csv, masks)"),
+    "tile": ("tile", "detect tissue and write patch coordinates per slide"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fbta",
+        description="Whole-slide images to registered MIL models. Each command is one pipeline stage.",
+        epilog="Example: fbta tile data.slides=/cohorts/x/slides data.out=/runs/x tile.target_mpp=1.0",
+    )
+    sub = p.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, (_, help_) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dot-list)")
+        sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.params, args.overrides)
+        module = importlib.import_module(f"fbta.stages.{COMMANDS[args.command][0]}")
+        return int(module.run(cfg) or 0)
+    except (ConfigError, CohortError) as exc:
+        print(f"fbta {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fbta {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""``fbta tile``: tissue detection + patch coordinates for every slide of the cohort."""
+from __future__ import annotations
+
+import time
+
+from omegaconf import DictConfig
+
+from fbta.config import save_config
+from fbta.io.h5 import coords_complete, write_coords
+from fbta.slides.cohort import discover
+from fbta.slides.reader import SlideError, open_slide
+from fbta.stages.common import out_dir, progress
+from fbta.status import StageReport
+from fbta.tiling.thumbnail import save_thumbnail
+from fbta.tiling.tiler import params_hash, tile_slide
+
+
+def run(cfg: DictConfig) -> int:
+    coords_dir = out_dir(cfg, "coords")
+    thumbs_dir = out_dir(cfg, "reports", "plots", "thumbnails")
+    entries = discover(cfg.data.slides, cfg.data.labels)
+    report = StageReport("tile")
+    bar = progress(entries, cfg, "tile")
+    for entry in bar:
+        dest = coords_dir / f"{entry.slide_id}.h5"
+        fingerprint = params_hash(cfg.tissue, cfg.tile, (entry.mpp, cfg.tile.default_mpp))
+        if coords_complete(dest, {"fbta_params": fingerprint}):
+            report.skipped(entry.slide_id, "up to date")
+            continue
+        t0 = time.perf_counter()
+        try:
+            with open_slide(entry.path, entry.mpp, cfg.tile.default_mpp) as slide:
+                tiling = tile_slide(slide, cfg.tissue, cfg.tile)
+                if len(tiling.coords) == 0:
+                    raise SlideError(
+                        f"{entry.path}: no tissue patches (tissue mask covers {tiling.mask.mean():.1%}; "
+                        "check tissue.* and tile.min_tissue)"
+                    )
+                save_thumbnail(slide, tiling, thumbs_dir / f"{entry.slide_id}.png", cfg.tile.thumbnail_px)
+                write_coords(dest, tiling.coords, {**tiling.attrs, "fbta_params": fingerprint})
+        except SlideError as exc:
+            report.failed(entry.slide_id, str(exc), time.perf_counter() - t0)
+            continue
+        except Exception as exc:  # one odd slide must not stop a cohort
+            report.failed(entry.slide_id, f"{entry.path}: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
+            continue
+        report.done(
+            entry.slide_id, time.perf_counter() - t0,
+            patches=int(len(tiling.coords)), mpp=tiling.attrs["mpp"], mpp_source=tiling.attrs["mpp_source"],
+            level=tiling.attrs["patch_level"],
+        )
+    save_config(cfg, coords_dir / "config.yaml")
+    report.write(out_dir(cfg, "reports", "status") / "tile.json")
+    for s in report.slides:
+        if s.status == "done":
+            print(f"  done     {s.slide_id}: {s.info['patches']} patches (mpp {s.info['mpp']:.3f} from "
+                  f"{s.info['mpp_source']}, level {s.info['level']}, {s.seconds:.2f} s)")
+    print(report.summary())
+    return report.exit_code(cfg.run.strict)

@@ -1,0 +1,51 @@
+"""Print what the pipeline produced under ``data.out``: per-stage status and metrics.
+
+``make demo`` ends with this so the user sees results, not just logs.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from fbta.config import ConfigError, load_config
+
+
+def summarise(out: Path) -> str:
+    lines: list[str] = []
+    status_dir = out / "reports" / "status"
+    for path in sorted(status_dir.glob("*.json")):
+        rep = json.loads(path.read_text())
+        c = rep["counts"]
+        lines.append(f"{rep['stage']:<10} done {c['done']:>4}  skipped {c['skipped']:>4}  failed {c['failed']:>4}")
+        patches = [s["info"].get("patches") for s in rep["slides"] if s["info"].get("patches") is not None]
+        if patches:
+            lines.append(f"{'':<10} patches per slide: min {min(patches)}, median {sorted(patches)[len(patches) // 2]}, "
+                         f"max {max(patches)}, total {sum(patches)}")
+    metrics = out / "reports" / "metrics.json"
+    if metrics.exists():
+        lines.append("metrics:")
+        lines.extend(f"  {k}: {v}" for k, v in _flatten(json.loads(metrics.read_text())))
+    return "\n".join(lines) if lines else f"no reports under {out}/reports yet"
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    items: list[tuple[str, object]] = []
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        items.extend(_flatten(v, key) if isinstance(v, dict) else [(key, v)])
+    return items
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = load_config("params.yaml", argv if argv is not None else sys.argv[1:])
+    except ConfigError as exc:
+        print(f"fbta summary: error: {exc}", file=sys.stderr)
+        return 2
+    print(summarise(Path(cfg.data.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

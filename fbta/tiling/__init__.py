@@ -1,0 +1,1 @@
+"""Tissue detection and the patch grid (``fbta tile``)."""

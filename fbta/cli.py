@@ -17,6 +17,8 @@ from fbta.slides.cohort import CohortError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("synth", "write the synthetic demo cohort (slides, labels.csv, masks)"),
     "tile": ("tile", "detect tissue and write patch coordinates per slide"),
+    "extract": ("extract", "frozen patch features per slide (CLAM/TRIDENT HDF5)"),
+    "cluster": ("cluster", "per-slide KMeans on frozen features (FBTA pseudo-bag strata)"),
 }
 
 

@@ -22,6 +22,7 @@ class DataCfg:
     labels: str = "data/labels.csv"
     out: str = "data"
     masks: Optional[str] = "data/masks"
+    features: Optional[str] = None  # an existing CLAM/TRIDENT feature folder to use instead of features/<extract.model>
 
 
 @dataclass
@@ -42,6 +43,7 @@ class SynthCfg:
     seed: int = 0
     positive_fraction: float = 0.5
     tumour_fraction: float = 0.15  # share of tissue area carrying the signal in positive slides
+    tumour_contrast: float = 1.0  # 0..1: how far tumour nuclei differ from normal ones (lower = harder)
     val_fraction: float = 0.25
     test_fraction: float = 0.25
     mask_downsample: int = 16  # ground-truth mask resolution relative to level 0
@@ -77,12 +79,35 @@ class TileCfg:
 
 
 @dataclass
+class ExtractCfg:
+    """Frozen patch features (``fbta extract``); defaults sized for a GPU."""
+
+    model: str = "efficientnet_lite0"  # a name from fbta.features.list_extractors()
+    weights: Optional[str] = None  # checkpoint path, "random", or None for the model's offline default
+    batch_size: int = 128
+    num_workers: int = 4  # patch-reading processes (each opens the slide once)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bfloat16/float16 autocast on GPU
+
+
+@dataclass
+class ClusterCfg:
+    """Per-slide KMeans on frozen features (``fbta cluster``), FBTA's pseudo-bag strata."""
+
+    n_clusters: int = 100  # C; a slide with N < C patches gets C = N
+    seed: int = 0
+    method: str = "auto"  # auto | torch | sklearn | elkan | minibatch (see benchmarks/kmeans.py)
+
+
+@dataclass
 class Config:
     data: DataCfg = field(default_factory=DataCfg)
     run: RunCfg = field(default_factory=RunCfg)
     synth: SynthCfg = field(default_factory=SynthCfg)
     tissue: TissueCfg = field(default_factory=TissueCfg)
     tile: TileCfg = field(default_factory=TileCfg)
+    extract: ExtractCfg = field(default_factory=ExtractCfg)
+    cluster: ClusterCfg = field(default_factory=ClusterCfg)
 
 
 class ConfigError(ValueError):

@@ -71,8 +71,8 @@ def test_pyramid_level_is_chosen_by_target_mpp(tmp_path: Path):
     write_aperio_tiff(p, pink_on_white(2048, 2048, (0, 0, 2048, 2048)), mpp=0.25, downsamples=(1, 4, 16))
     with open_slide(p) as s:
         assert s.vendor == "aperio" and [round(l.downsample) for l in s.levels] == [1, 4, 16]
-        for target, level, read in [(0.25, 0, 256), (0.5, 0, 512), (1.0, 1, 256), (2.0, 1, 512), (4.0, 2, 256)]:
-            t = tile_slide(s, cfg().tissue, cfg(**{"tile.target_mpp": target}).tile)
+        for target, level, read in [(0.25, 0, 128), (0.5, 0, 256), (1.0, 1, 128), (2.0, 1, 256), (4.0, 2, 128)]:
+            t = tile_slide(s, cfg().tissue, cfg(**{"tile.target_mpp": target, "tile.patch_size": 128}).tile)
             assert (t.attrs["patch_level"], t.attrs["level_patch_size"]) == (level, read), target
 
 

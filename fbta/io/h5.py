@@ -58,3 +58,62 @@ def _py(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return v.tolist()
     return v
+
+
+# -- features ------------------------------------------------------------------------------
+# features/<extractor>/h5_files/<slide_id>.h5: ``features`` float32 N×D and ``coords`` N×2 in
+# the same order (CLAM's layout; TRIDENT's is the same file without the h5_files level).
+
+
+def write_features(dest: Path, features: np.ndarray, coords: np.ndarray, attrs: Mapping[str, Any],
+                   coords_attrs: Mapping[str, Any] | None = None) -> None:
+    features = np.asarray(features, dtype=np.float32)
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    if len(features) != len(coords):
+        raise ValueError(f"{dest}: {len(features)} features for {len(coords)} coords")
+    with atomic_path(dest) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=features, track_times=False)
+            c = f.create_dataset("coords", data=coords, track_times=False)
+            for k, v in (coords_attrs or {}).items():
+                c.attrs[k] = v
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            f.attrs["fbta_complete"] = True
+
+
+def read_features(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(features N×D float32, coords N×2, attrs) from an fbta, CLAM or TRIDENT feature file."""
+    with h5py.File(path, "r") as f:
+        if "features" not in f:
+            raise KeyError(f"{path}: no 'features' dataset (not a CLAM/TRIDENT feature file)")
+        feats = np.asarray(f["features"][:], dtype=np.float32)
+        if feats.ndim == 3 and feats.shape[1] == 1:  # some CLAM versions store N×1×D
+            feats = feats[:, 0]
+        coords = f["coords"][:].astype(np.int64) if "coords" in f else np.zeros((len(feats), 2), np.int64)
+        attrs = {k: _py(v) for k, v in f.attrs.items()}
+    if feats.ndim != 2 or len(coords) != len(feats):
+        raise ValueError(f"{path}: features {feats.shape} and coords {coords.shape} do not match")
+    return feats, coords, attrs
+
+
+def features_complete(path: Path, expect: Optional[Mapping[str, Any]] = None) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            if not f.attrs.get("fbta_complete", False) or "features" not in f or "coords" not in f:
+                return False
+            if f["features"].shape[0] != f["coords"].shape[0]:
+                return False
+            return all(k in f.attrs and _py(f.attrs[k]) == v for k, v in (expect or {}).items())
+    except (OSError, KeyError):
+        return False
+
+
+def feature_files(folder: Path) -> dict[str, Path]:
+    """slide_id → feature file in an fbta/CLAM folder (``h5_files/``) or a TRIDENT folder (flat)."""
+    folder = Path(folder)
+    sub = folder / "h5_files"
+    root = sub if sub.is_dir() else folder
+    return {p.stem: p for p in sorted(root.glob("*.h5")) if not p.name.startswith(".")}

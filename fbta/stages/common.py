@@ -19,3 +19,22 @@ def out_dir(cfg: DictConfig, *parts: str) -> Path:
 
 def progress(items: Iterable[T], cfg: DictConfig, desc: str, total: int | None = None, unit: str = "slide") -> Iterable[T]:
     return tqdm(items, desc=desc, total=total, unit=unit, disable=not cfg.run.progress, dynamic_ncols=True)
+
+
+def features_dir(cfg: DictConfig) -> Path:
+    """Where frozen features are read from: ``data.features`` if set, else this run's own."""
+    if cfg.data.features:
+        return Path(cfg.data.features)
+    return Path(cfg.data.out, "features", cfg.extract.model)
+
+
+def tile_failure(cfg: DictConfig, slide_id: str) -> str | None:
+    """Why ``fbta tile`` failed on a slide, if it did (so later stages can say so)."""
+    import json
+
+    status = Path(cfg.data.out, "reports", "status", "tile.json")
+    try:
+        slides = json.loads(status.read_text())["slides"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return next((s["reason"] for s in slides if s["slide_id"] == slide_id and s["status"] == "failed"), None)

@@ -7,9 +7,9 @@ stamps them with one ``np.bincount`` per band of rows.
 
 The class signal lives here: normal nuclei are small, round and evenly dark;
 tumour nuclei are ~1.5x larger, elongated, irregular, with a dark rim, coarse
-chromatin clumps and nucleoli, arranged in nests. Their density is scaled so
-that the light they absorb per unit area equals the normal nuclei's, which
-keeps the mean colour of tumour and normal tissue matched.
+chromatin clumps and nucleoli, arranged in nests. They replace the normal
+nuclei of the tumour region with the same total absorbed light (fewer, larger
+nuclei), which keeps the mean colour of tumour and normal tissue matched.
 """
 from __future__ import annotations
 
@@ -30,21 +30,38 @@ class NucleusKind:
     grain: float = 0.08  # fine chromatin texture amplitude
     clumps: float = 0.0  # coarse chromatin clumps (added concentration)
     rim: float = 0.0  # nuclear membrane darkening
-    nucleoli: int = 0  # at most this many nucleoli
+    nucleoli: float = 0.0  # how often nucleoli show (0..1)
 
 
 # ~6-8 µm normal nuclei (12-16 px at 0.5 µm/px), tumour ~1.5x larger.
-NORMAL = NucleusKind(radius=(5.5, 7.5), aspect=(1.0, 1.3), wobble=0.03, level=(1.45, 1.75))
+NORMAL = NucleusKind(radius=(5.5, 7.5), aspect=(1.0, 1.3), wobble=0.03, level=(1.4, 1.75), grain=0.14)
 TUMOUR = NucleusKind(
     radius=(8.5, 11.5), aspect=(1.3, 2.0), wobble=0.10, level=(0.8, 1.0),
-    grain=0.12, clumps=0.85, rim=0.55, nucleoli=2,
+    grain=0.12, clumps=0.85, rim=0.55, nucleoli=1.0,
 )
 LYMPHOCYTE = NucleusKind(radius=(3.5, 4.5), aspect=(1.0, 1.15), wobble=0.02, level=(1.9, 2.2))
 FIBROBLAST = NucleusKind(radius=(4.0, 5.5), aspect=(4.0, 6.5), wobble=0.02, level=(1.4, 1.7))
 
+
+def blend(a: NucleusKind, b: NucleusKind, t: float) -> NucleusKind:
+    """Parameters a·(1−t) + b·t: ``t`` < 1 makes tumour nuclei more like normal ones (harder task)."""
+    t = float(np.clip(t, 0.0, 1.0))
+
+    def mix(x: float, y: float) -> float:
+        return (1 - t) * x + t * y
+
+    def mix2(x: tuple[float, float], y: tuple[float, float]) -> tuple[float, float]:
+        return (mix(x[0], y[0]), mix(x[1], y[1]))
+
+    return NucleusKind(
+        radius=mix2(a.radius, b.radius), aspect=mix2(a.aspect, b.aspect), wobble=mix(a.wobble, b.wobble),
+        level=mix2(a.level, b.level), grain=mix(a.grain, b.grain), clumps=mix(a.clumps, b.clumps),
+        rim=mix(a.rim, b.rim), nucleoli=mix(a.nucleoli, b.nucleoli),
+    )
+
+
 BANK_SIZE = 48
 NORMAL_SPACING = 22.0  # px between candidate sites (jittered hex grid)
-TUMOUR_SPACING = 30.0
 NORMAL_ACCEPT = 0.5  # acceptance of a normal site at full cellularity
 LYMPHO_DENSITY = 1.0 / 9000  # per px² of tissue, same in tumour and normal
 FIBRO_DENSITY = 1.0 / 5000
@@ -84,8 +101,8 @@ def kernel_bank(rng: np.random.Generator, kind: NucleusKind, n: int = BANK_SIZE)
         conc += kind.clumps * clumps
     if kind.rim:
         conc += kind.rim * np.clip(1 - (inside - 0.5) / 2.0, 0, 1)
-    for j in range(kind.nucleoli):
-        present = rng.random(n) < (0.85 if j == 0 else 0.35)
+    for j in range(2 if kind.nucleoli > 0 else 0):
+        present = rng.random(n) < (0.85 if j == 0 else 0.35) * kind.nucleoli
         off = rng.uniform(-0.45, 0.45, (2, n)).astype(np.float32) * b
         rad = rng.uniform(1.4, 2.3, n).astype(np.float32)
         dist = np.hypot(yy - off[0][:, None, None], xx - off[1][:, None, None])
@@ -94,15 +111,15 @@ def kernel_bank(rng: np.random.Generator, kind: NucleusKind, n: int = BANK_SIZE)
     return (alpha * conc).astype(np.float32)
 
 
-def absorbed(bank: np.ndarray, h_vec: np.ndarray, transmission: np.ndarray) -> float:
-    """Mean light one nucleus of the bank removes (summed over RGB, background units).
+def absorbed(bank: np.ndarray, h_vec: np.ndarray, transmission: np.ndarray) -> np.ndarray:
+    """Light each nucleus of the bank removes (summed over pixels and RGB, background units).
 
-    Used to match tumour density to normal density in absorbed light rather
-    than in nucleus count, so both tissues have the same mean colour.
+    Tumour nuclei are matched to normal ones in absorbed light rather than in
+    count, so both tissues have the same mean colour.
     """
     od = bank[..., None] * h_vec.astype(np.float32)
-    lost = (transmission.astype(np.float32) * (1 - np.exp(-od))).sum(axis=(1, 2, 3))
-    return float(lost.mean())
+    lost = transmission.astype(np.float32) * (1 - np.exp(-od))
+    return lost.sum(axis=(1, 2, 3)).astype(np.float64)
 
 
 def hex_grid(rng: np.random.Generator, h: int, w: int, spacing: float, jitter: float) -> tuple[np.ndarray, np.ndarray]:
@@ -148,37 +165,52 @@ def populate(
     grid: int,
     h_vec: np.ndarray,
     transmission: np.ndarray,
+    tumour_kind: NucleusKind = TUMOUR,
 ) -> list[Population]:
     """Place every nucleus of a slide.
 
     ``cellularity`` (0..1) and ``nests`` (mean ≈ 1) are maps on a grid ``grid``
     times coarser than level 0. Normal sites are accepted with probability
-    ∝ cellularity; tumour sites with the same expected absorbed light per
-    area, modulated by ``nests`` so tumour cells cluster.
+    ∝ cellularity. Inside the tumour, the normal nuclei that would have been
+    there are replaced by tumour nuclei absorbing the same total light,
+    clustered by ``nests``. Every draw has a fixed size, so the positive and
+    negative versions of a slide share all random numbers but the tumour's.
     """
     h, w = tissue.shape
     pops: list[Population] = []
 
-    def add(bank: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> None:
-        pops.append(Population(bank, ys, xs, rng.integers(0, len(bank), len(ys))))
+    def add(bank: np.ndarray, ys: np.ndarray, xs: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        which = rng.integers(0, len(bank), len(ys))  # drawn for every site: the stream never depends on the tumour
+        pops.append(Population(bank, ys[keep], xs[keep], which[keep]))
+        return which
 
-    normal_bank, tumour_bank = kernel_bank(rng, NORMAL), kernel_bank(rng, TUMOUR)
+    normal_bank, tumour_bank = kernel_bank(rng, NORMAL), kernel_bank(rng, tumour_kind)
+    loss_n, loss_t = absorbed(normal_bank, h_vec, transmission), absorbed(tumour_bank, h_vec, transmission)
     ys, xs = hex_grid(rng, h, w, NORMAL_SPACING, 5.0)
     p = NORMAL_ACCEPT * cellularity[ys // grid, xs // grid]
-    keep = tissue[ys, xs] & ~tumour[ys, xs] & (rng.random(len(ys)) < p)
-    add(normal_bank, ys[keep], xs[keep])
+    accepted = tissue[ys, xs] & (rng.random(len(ys)) < p)
+    in_tumour = tumour[ys, xs]
+    which = add(normal_bank, ys, xs, accepted & ~in_tumour)
+    budget = loss_n[which[accepted & in_tumour]].sum()  # light the replaced normal nuclei would absorb
 
-    ratio = absorbed(normal_bank, h_vec, transmission) / absorbed(tumour_bank, h_vec, transmission)
-    ys, xs = hex_grid(rng, h, w, TUMOUR_SPACING, 4.0)
-    area_ratio = (TUMOUR_SPACING / NORMAL_SPACING) ** 2
-    p = NORMAL_ACCEPT * area_ratio * ratio * cellularity[ys // grid, xs // grid] * nests[ys // grid, xs // grid]
-    keep = tumour[ys, xs] & (rng.random(len(ys)) < p)
-    add(tumour_bank, ys[keep], xs[keep])
+    # Tumour sites: wider spacing, density from the light budget, clustered by ``nests``;
+    # drawn with headroom, then a random prefix is kept whose light matches the budget.
+    spacing = NORMAL_SPACING * (np.mean(tumour_kind.radius) / np.mean(NORMAL.radius)) ** 0.75
+    ys, xs = hex_grid(rng, h, w, spacing, 4.0)
+    scale = (spacing / NORMAL_SPACING) ** 2 * loss_n.mean() / loss_t.mean()
+    p = 1.3 * NORMAL_ACCEPT * scale * cellularity[ys // grid, xs // grid] * nests[ys // grid, xs // grid]
+    accepted = tumour[ys, xs] & (rng.random(len(ys)) < p)
+    order = rng.permutation(len(ys))
+    which_t = rng.integers(0, len(tumour_bank), len(ys))
+    ranked = order[accepted[order]]
+    n_keep = int(np.searchsorted(np.cumsum(loss_t[which_t[ranked]]), budget))
+    keep = np.zeros(len(ys), dtype=bool)
+    keep[ranked[:n_keep]] = True
+    pops.append(Population(tumour_bank, ys[keep], xs[keep], which_t[keep]))
 
     for kind, density in ((LYMPHOCYTE, LYMPHO_DENSITY), (FIBROBLAST, FIBRO_DENSITY)):
         ys, xs = uniform_sites(rng, h, w, density)
-        keep = tissue[ys, xs]
-        add(kernel_bank(rng, kind), ys[keep], xs[keep])
+        add(kernel_bank(rng, kind), ys, xs, tissue[ys, xs])
     return pops
 
 

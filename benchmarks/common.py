@@ -1,0 +1,41 @@
+"""Shared by the benchmark scripts: machine description, JSON report, BENCHMARKS.md row."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+
+
+def record(name: str, payload: dict[str, Any], headline: str) -> Path:
+    """Write reports/bench/<name>.json and append a row to BENCHMARKS.md."""
+    from fbta.io.atomic import atomic_write_text
+
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+               "command": command, **payload}
+    out = ROOT / "reports" / "bench" / f"{name}.json"
+    atomic_write_text(out, json.dumps(payload, indent=2))
+    table = ROOT / "BENCHMARKS.md"
+    if not table.exists():
+        table.write_text("# Benchmarks\n\nRatios measured side by side in one run (absolute times on shared "
+                         "machines are noisy). Each row: `reports/bench/<name>.json`.\n\n"
+                         "| date | benchmark | machine | command | result |\n|---|---|---|---|---|\n")
+    with table.open("a") as fh:
+        fh.write(f"| {payload['date']} | {name} | {payload['machine']} | `{command}` | {headline} |\n")
+    print(f"\n{name}: {headline}\n→ {out.relative_to(ROOT)}, BENCHMARKS.md")
+    return out

@@ -1,0 +1,69 @@
+"""``fbta cluster``: per-slide KMeans on frozen features → clusters/<model>/<slide_id>.h5.
+
+Computed once and cached: FBTA's sampler then draws M patches per cluster
+every epoch without touching the features again.
+"""
+from __future__ import annotations
+
+import time
+
+import h5py
+import numpy as np
+from omegaconf import DictConfig
+
+from fbta.config import save_config
+from fbta.features.kmeans import cluster_bag
+from fbta.io.atomic import atomic_path
+from fbta.io.h5 import _py, feature_files, read_features
+from fbta.stages.common import features_dir, out_dir, progress
+from fbta.status import StageReport
+
+
+def clusters_complete(path, expect: dict) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return bool(f.attrs.get("fbta_complete")) and all(_py(f.attrs.get(k)) == v for k, v in expect.items())
+    except (OSError, KeyError):
+        return False
+
+
+def write_clusters(dest, labels: np.ndarray, centroids: np.ndarray, attrs: dict) -> None:
+    with atomic_path(dest) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("labels", data=labels.astype(np.int32), track_times=False)
+            f.create_dataset("centroids", data=centroids.astype(np.float32), track_times=False)
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            f.attrs["fbta_complete"] = True
+
+
+def run(cfg: DictConfig) -> int:
+    feats_dir = features_dir(cfg)
+    dest_dir = out_dir(cfg, "clusters", feats_dir.name if cfg.data.features else cfg.extract.model)
+    report = StageReport("cluster")
+    c = cfg.cluster
+    files = feature_files(feats_dir)
+    if not files:
+        print(f"cluster: no feature files in {feats_dir}; run `fbta extract` or set data.features", flush=True)
+    for slide_id, fpath in progress(files.items(), cfg, "cluster"):
+        dest = dest_dir / f"{slide_id}.h5"
+        t0 = time.perf_counter()
+        try:
+            with h5py.File(fpath, "r") as f:
+                source = str(_py(f.attrs.get("fbta_params", "")))
+            expect = {"n_clusters_requested": c.n_clusters, "seed": c.seed, "method": c.method, "features_params": source}
+            if clusters_complete(dest, expect):
+                report.skipped(slide_id, "up to date")
+                continue
+            feats, _, _ = read_features(fpath)
+            labels, centroids = cluster_bag(feats, c.n_clusters, c.seed, method=c.method)
+            write_clusters(dest, labels, centroids, {**expect, "n_clusters": len(centroids),
+                                                     "features_file": str(fpath), "n_patches": len(feats)})
+        except Exception as exc:
+            report.failed(slide_id, f"{fpath}: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
+            continue
+        report.done(slide_id, time.perf_counter() - t0, patches=len(feats), clusters=len(centroids))
+    save_config(cfg, dest_dir / "config.yaml")
+    report.write(out_dir(cfg, "reports", "status") / "cluster.json")
+    print(report.summary())
+    return report.exit_code(cfg.run.strict)

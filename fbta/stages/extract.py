@@ -1,0 +1,66 @@
+"""``fbta extract``: frozen features for every tiled slide → features/<model>/h5_files/<slide_id>.h5."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from fbta.config import save_config
+from fbta.features.extract import SlidePatches, extract_patches, features_fingerprint, pick_device
+from fbta.features.registry import create_extractor
+from fbta.io.h5 import coords_complete, features_complete, read_coords, write_features
+from fbta.slides.cohort import discover
+from fbta.stages.common import out_dir, tile_failure
+from fbta.status import StageReport
+
+
+def run(cfg: DictConfig) -> int:
+    device = pick_device(cfg.extract.device)
+    extractor = create_extractor(cfg.extract.model, weights=cfg.extract.weights, trainable=False, device=device)
+    coords_dir = out_dir(cfg, "coords")
+    feats_dir = out_dir(cfg, "features", cfg.extract.model, "h5_files")
+    report = StageReport("extract")
+    todo = []
+    for entry in discover(cfg.data.slides, cfg.data.labels):
+        cpath = coords_dir / f"{entry.slide_id}.h5"
+        if not coords_complete(cpath):
+            why = tile_failure(cfg, entry.slide_id)
+            report.failed(entry.slide_id, f"not tiled ({why})" if why else f"{cpath}: no coords; run `fbta tile` first")
+            continue
+        coords, attrs = read_coords(cpath)
+        fp = features_fingerprint(extractor, attrs)
+        dest = feats_dir / f"{entry.slide_id}.h5"
+        if features_complete(dest, {"fbta_params": fp}):
+            report.skipped(entry.slide_id, "up to date", patches=len(coords))
+            continue
+        todo.append((entry, coords, attrs, fp, dest))
+    print(f"extract: {cfg.extract.model} ({extractor.dim}-d, weights {extractor.weights_id}) on {device}; "
+          f"{len(todo)} slides to do, {report.count('skipped')} up to date")
+    total = sum(len(c) for _, c, _, _, _ in todo)
+    with tqdm(total=total, unit="patch", desc="extract", disable=not cfg.run.progress, dynamic_ncols=True) as bar:
+        for entry, coords, attrs, fp, dest in todo:
+            bar.set_postfix_str(entry.slide_id)
+            t0 = time.perf_counter()
+            try:
+                ds = SlidePatches(entry.path, coords, attrs, entry.mpp)
+                feats = extract_patches(ds, extractor, device, cfg.extract.batch_size, cfg.extract.num_workers,
+                                        cfg.extract.amp, on_batch=bar.update)
+                if not np.isfinite(feats).all():
+                    raise ValueError("the model produced NaN/inf features")
+                write_features(dest, feats, coords, {
+                    **extractor.describe(), "fbta_params": fp, "slide_id": entry.slide_id,
+                    "target_mpp": attrs["target_mpp"], "patch_size": attrs["patch_size"], "mean": extractor.mean,
+                    "std": extractor.std,
+                }, coords_attrs=attrs)
+            except Exception as exc:  # a bad slide must not stop the cohort
+                report.failed(entry.slide_id, f"{entry.path}: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
+                continue
+            dt = time.perf_counter() - t0
+            report.done(entry.slide_id, dt, patches=len(coords), patches_per_s=round(len(coords) / max(dt, 1e-9), 1))
+    save_config(cfg, feats_dir.parent / "config.yaml")
+    report.write(out_dir(cfg, "reports", "status") / "extract.json")
+    print(report.summary())
+    return report.exit_code(cfg.run.strict)
+

@@ -25,17 +25,26 @@ def record(name: str, payload: dict[str, Any], headline: str) -> Path:
     """Write reports/bench/<name>.json and append a row to BENCHMARKS.md."""
     from fbta.io.atomic import atomic_write_text
 
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    command = command_line()
     payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
                "command": command, **payload}
     out = ROOT / "reports" / "bench" / f"{name}.json"
     atomic_write_text(out, json.dumps(payload, indent=2))
+    append_row(name, payload["date"], payload["machine"], command, headline)
+    print(f"\n{name}: {headline}\n→ {out.relative_to(ROOT)}, BENCHMARKS.md")
+    return out
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
+def append_row(name: str, date: str, machine_desc: str, command: str, headline: str) -> None:
+    """One row of BENCHMARKS.md (created with its header if missing)."""
     table = ROOT / "BENCHMARKS.md"
     if not table.exists():
         table.write_text("# Benchmarks\n\nRatios measured side by side in one run (absolute times on shared "
                          "machines are noisy). Each row: `reports/bench/<name>.json`.\n\n"
                          "| date | benchmark | machine | command | result |\n|---|---|---|---|---|\n")
     with table.open("a") as fh:
-        fh.write(f"| {payload['date']} | {name} | {payload['machine']} | `{command}` | {headline} |\n")
-    print(f"\n{name}: {headline}\n→ {out.relative_to(ROOT)}, BENCHMARKS.md")
-    return out
+        fh.write(f"| {date} | {name} | {machine_desc} | `{command}` | {headline} |\n")

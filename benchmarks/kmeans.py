@@ -170,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['n']:>6} {r['threads']:>3}  {r['description']:<55} {r['wall_s']:>7.2f} {r['wall_median_s']:>8.2f} "
               f"{r['n_iter']:>6} {r['inertia_rel_best']:>13.5f}")
     print(f"wrote {out}")
+    from common import append_row, command_line, machine
+
+    best = {r["method"]: r for r in rows if r["n"] == max(x["n"] for x in rows) and r["threads"] == 1}
+    parts = [f"{k} {v['wall_s']:.1f} s (inertia ×{v['inertia_rel_best']:.4f})" for k, v in sorted(best.items())]
+    append_row("kmeans", time.strftime("%Y-%m-%d %H:%M"), machine(), command_line(),
+               f"C={args.clusters}, N={max(x['n'] for x in rows)}×{args.dim}, 1 thread: " + "; ".join(parts)
+               + f" → default `{DEFAULT_METHOD}`")
     return 0
 
 

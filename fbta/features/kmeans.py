@@ -18,7 +18,10 @@ from torch import Tensor
 
 Method = Literal["auto", "torch", "sklearn", "elkan", "minibatch"]
 METHODS: tuple[str, ...] = ("auto", "torch", "sklearn", "elkan", "minibatch")
-#: What "auto" means, chosen from benchmarks/kmeans.py (see reports/bench/kmeans.json).
+#: What "auto" means, chosen from benchmarks/kmeans.py (reports/bench/kmeans.json): on
+#: 50,000 × 1024, C = 100, 2 cores, torch reached the lowest inertia in 7.8 s against
+#: 14.0 s for scikit-learn's Lloyd (same inertia ±0.3 % over seeds); MiniBatchKMeans
+#: took 1.0 s but ended 1.6 % (N = 50,000) to 3.2 % (N = 5,000) worse. torch also runs on GPU.
 DEFAULT_METHOD = "torch"
 RngLike = Union[np.random.Generator, int, None]
 

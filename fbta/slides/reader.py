@@ -85,19 +85,22 @@ class Slide:
         return img
 
     def read_at_mpp(self, mpp: float) -> tuple[np.ndarray, float]:
-        """The whole slide at roughly ``mpp`` µm/px; returns (image, level-0 px per image px).
+        """The whole slide at about ``mpp`` µm/px (or up to 2× coarser); returns (image, level-0 px per px).
 
-        Used for tissue detection and thumbnails: read the best pyramid level once,
-        then resize, so cost depends on the low-resolution size, not on level 0.
+        Used for tissue detection and thumbnails. Reads one pyramid level whole: the
+        coarsest one at most 2× coarser than asked (a 20x Aperio slide has levels at
+        4× and 16×; asking for 8× must not read the 4× level of a 100k-px slide),
+        then shrinks it if it is finer than asked. Cost follows the low-resolution size.
         """
         want = max(mpp / self.mpp, 1.0)
-        level = self.best_level(want)
+        level = self.best_level(2 * want, tolerance=0.0)
         lvl = self.levels[level]
         img = self.read_region(0, 0, level, lvl.width, lvl.height)
         w0, h0 = self.dimensions
+        if lvl.downsample >= want:
+            return img, w0 / lvl.width
         out_w, out_h = max(1, round(w0 / want)), max(1, round(h0 / want))
-        if (out_w, out_h) != (lvl.width, lvl.height):
-            img = np.asarray(Image.fromarray(img).resize((out_w, out_h), Image.BILINEAR))
+        img = np.asarray(Image.fromarray(img).resize((out_w, out_h), Image.BILINEAR))
         return img, w0 / out_w
 
 
@@ -127,7 +130,10 @@ class OpenSlideSlide(Slide):
             rgba = self._osr.read_region((int(x), int(y)), int(level), (int(width), int(height)))
         except openslide.OpenSlideError as exc:
             raise SlideError(f"{self.path}: read failed at ({x}, {y}) level {level}: {exc}") from exc
-        return _rgba_on_white(np.asarray(rgba))
+        arr = np.array(rgba)  # one writable copy; the RGB view below avoids a second
+        if arr[..., 3].min() == 255:  # fully opaque, the usual case
+            return arr[..., :3]
+        return _rgba_on_white(arr)
 
     def close(self) -> None:
         self._osr.close()

@@ -1,0 +1,69 @@
+"""A trained MIL head on disk: ``best.pt`` (a plain state dict) + ``meta.json`` (how to rebuild it).
+
+Why a plain state dict: ``torch.load(weights_only=True)`` refuses pickled code,
+so a checkpoint from elsewhere cannot run anything on load. Everything needed
+to rebuild the head (arch, in_dim, classes, constructor options) and to audit
+it (epoch, validation AUC, the exact split) lives in human-readable JSON.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fbta.config import InputError
+from fbta.io.atomic import atomic_path, atomic_write_text
+from fbta.mil.registry import MILHead, create_mil
+
+WEIGHTS = "best.pt"
+META = "meta.json"
+META_VERSION = 1
+
+
+class CheckpointError(InputError):
+    """A model folder that is missing or does not fit its metadata."""
+
+
+def model_dir(out: str | Path, method: str, arch: str, fold: int | None = None) -> Path:
+    """``<data.out>/models/<method>_<arch>[_fold<k>]``."""
+    return Path(out, "models", f"{method}_{arch}" + (f"_fold{fold}" if fold is not None else ""))
+
+
+def save_checkpoint(folder: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write weights then metadata, each atomically (meta last: a folder with meta.json is complete)."""
+    with atomic_path(folder / WEIGHTS, suffix=".pt") as tmp:
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+    atomic_write_text(folder / META, json.dumps({"version": META_VERSION, **meta}, indent=2))
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / META
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no trained model ({META} missing); run `fbta train` first") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    for key in ("arch", "in_dim", "classes", "mil_kwargs"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: missing '{key}'")
+    return meta
+
+
+def load_head(folder: Path, device: torch.device | str = "cpu") -> tuple[MILHead, dict[str, Any]]:
+    """Rebuild the head from ``meta.json`` and load ``best.pt`` with ``weights_only=True``; eval mode."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    head = create_mil(meta["arch"], int(meta["in_dim"]), len(meta["classes"]), **meta["mil_kwargs"])
+    try:
+        state = torch.load(folder / WEIGHTS, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: {WEIGHTS} missing beside {META}") from None
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{folder / WEIGHTS}: does not fit a {meta['arch']} head "
+                              f"({str(exc).splitlines()[0]})") from None
+    return head.to(device).eval(), meta

@@ -1,0 +1,114 @@
+"""Bags of frozen features for slide-level MIL: one item = one slide's N×D features and its class.
+
+Why one slide per item: bags differ in size (tens to tens of thousands of
+patches), so the batch is the slide (METHODS.md A). Bags are read from the
+CLAM/TRIDENT HDF5 files on demand (DataLoader workers) or held in memory when
+the cohort is small (``train.preload``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fbta.io.h5 import feature_files, read_features
+from fbta.mil.splits import Split
+from fbta.slides.cohort import CohortError, SlideEntry
+
+
+@dataclass(frozen=True)
+class BagItem:
+    slide_id: str
+    path: Path
+    label: int  # class index into the sorted class names
+    n: int  # instances in the bag
+
+
+@dataclass
+class Cohort:
+    """The labelled slides with features, per split, and what was left out and why."""
+
+    classes: list[str]
+    in_dim: int
+    parts: dict[str, list[BagItem]]  # train | val | test → items
+    missing: dict[str, str] = field(default_factory=dict)  # slide_id → reason (no usable features)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per split, slides per class name (what a pathologist checks first)."""
+        return {p: {c: sum(it.label == i for it in items) for i, c in enumerate(self.classes)}
+                for p, items in self.parts.items()}
+
+
+def bag_shape(path: Path) -> tuple[int, int]:
+    """(N, D) of a feature file without reading the features."""
+    with h5py.File(path, "r") as f:
+        if "features" not in f:
+            raise KeyError("no 'features' dataset")
+        shape = f["features"].shape
+    if len(shape) == 3 and shape[1] == 1:
+        return int(shape[0]), int(shape[2])
+    if len(shape) != 2:
+        raise ValueError(f"features have shape {shape}, expected N×D")
+    return int(shape[0]), int(shape[1])
+
+
+def build_cohort(entries: Mapping[str, SlideEntry], split: Split, classes: Sequence[str],
+                 features_folder: Path) -> Cohort:
+    """Match labelled, split slides to their feature files; record the ones without usable features."""
+    files = feature_files(features_folder)
+    index = {c: i for i, c in enumerate(classes)}
+    parts: dict[str, list[BagItem]] = {"train": [], "val": [], "test": []}
+    missing: dict[str, str] = {}
+    dims: dict[int, str] = {}
+    for sid, part in sorted(split.assignment.items()):
+        if sid not in files:
+            missing[sid] = f"no feature file in {features_folder}"
+            continue
+        try:
+            n, d = bag_shape(files[sid])
+        except (OSError, KeyError, ValueError) as exc:
+            missing[sid] = f"{files[sid]}: unreadable features ({exc})"
+            continue
+        if n == 0:
+            missing[sid] = f"{files[sid]}: empty bag (no patches)"
+            continue
+        dims.setdefault(d, sid)
+        parts[part].append(BagItem(sid, files[sid], index[entries[sid].label], n))  # type: ignore[index]
+    if len(dims) > 1:
+        raise CohortError(f"{features_folder}: feature files disagree on the feature size: "
+                          + ", ".join(f"{d} ({sid}, …)" for d, sid in dims.items()))
+    if not dims:
+        raise CohortError(f"{features_folder}: none of the {len(split.assignment)} labelled slides has "
+                          f"features; run `fbta extract` or set data.features")
+    return Cohort(list(classes), next(iter(dims)), parts, missing)
+
+
+class BagDataset(Dataset):
+    """``dataset[i] -> (bag N×D float32, label 0-d long)`` for the slides in ``items``."""
+
+    def __init__(self, items: Sequence[BagItem], preload: bool = False) -> None:
+        self.items = list(items)
+        self._cache: list[torch.Tensor] | None = [self._read(it) for it in self.items] if preload else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @staticmethod
+    def _read(item: BagItem) -> torch.Tensor:
+        feats, _, _ = read_features(item.path)
+        if not np.isfinite(feats).all():
+            raise ValueError(f"{item.path}: features contain NaN or inf")
+        return torch.from_numpy(feats)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bag = self._cache[i] if self._cache is not None else self._read(self.items[i])
+        return bag, torch.tensor(self.items[i].label, dtype=torch.long)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([it.label for it in self.items], dtype=np.int64)

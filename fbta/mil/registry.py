@@ -1,0 +1,106 @@
+"""MIL heads: one interface, one registry, one factory (timm style).
+
+Why: FBTA is plug-and-play over MIL heads (METHODS.md A), so the trainer, the
+EMA copy, inference and heatmaps all talk to a :class:`MILHead` through
+``head(bag) -> MILOutput`` and never to a concrete class; ``mil.arch`` in
+params.yaml names the head and :func:`create_mil` builds it. Adding a head is
+one ``@register_mil("name")`` builder.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from torch import Tensor, nn
+
+DEFAULT_MIL = "abmil"
+MILBuilder = Callable[..., "MILHead"]
+_BUILDERS: dict[str, MILBuilder] = {}
+
+
+class MILOutput(NamedTuple):
+    """What a head returns for one slide.
+
+    logits: 1×n_classes, before softmax.
+    scores: N, one number per instance (patch) in the bag's order, higher = more
+        important to the slide's prediction; what they are is head-specific
+        (see each head's docstring) — for heatmaps, rank or percentile them.
+    """
+
+    logits: Tensor
+    scores: Tensor
+
+    @property
+    def probs(self) -> Tensor:
+        """Class probabilities, 1×n_classes."""
+        return self.logits.softmax(dim=-1)
+
+
+class MILHead(nn.Module):
+    """Base class: a bag of N instance features (one slide) → slide logits + per-instance scores.
+
+    ``bag`` is N×D or 1×N×D: one slide per call, as in FBTA (batch = 1 WSI),
+    because bags of different slides have different N.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, dropout: float) -> None:
+        super().__init__()
+        if in_dim < 1 or n_classes < 1:
+            raise ValueError(f"MIL head needs in_dim ≥ 1 and n_classes ≥ 1, got {in_dim}, {n_classes}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MIL head dropout must be in [0, 1), got {dropout}")
+        self.in_dim = int(in_dim)
+        self.n_classes = int(n_classes)
+        self.dropout = float(dropout)
+
+    def as_bag(self, bag: Tensor) -> Tensor:
+        """Validate one slide's bag and return it as 1×N×D."""
+        if bag.ndim == 2:
+            bag = bag.unsqueeze(0)
+        if bag.ndim != 3 or bag.shape[0] != 1:
+            raise ValueError(f"{type(self).__name__}: a bag is one slide, N×D or 1×N×D; "
+                             f"got shape {tuple(bag.shape)}")
+        if bag.shape[2] != self.in_dim:
+            raise ValueError(f"{type(self).__name__}: instances have {bag.shape[2]} features, "
+                             f"head was built for in_dim={self.in_dim}")
+        if bag.shape[1] == 0:
+            raise ValueError(f"{type(self).__name__}: empty bag (a slide with no patches)")
+        if not bag.is_floating_point():
+            raise ValueError(f"{type(self).__name__}: bag must be floating point, got {bag.dtype}")
+        return bag
+
+    def forward(self, bag: Tensor) -> MILOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, n_classes={self.n_classes}, dropout={self.dropout}"
+
+
+def register_mil(name: str) -> Callable[[MILBuilder], MILBuilder]:
+    """Decorator registering ``builder(in_dim, n_classes, **kwargs) -> MILHead`` under ``name``."""
+
+    def deco(builder: MILBuilder) -> MILBuilder:
+        if name in _BUILDERS and _BUILDERS[name] is not builder:
+            raise ValueError(f"MIL head {name!r} is already registered")
+        _BUILDERS[name] = builder
+        return builder
+
+    return deco
+
+
+def _load_builtin() -> None:
+    """Import the built-in heads so their decorators have run (also when only this module was imported)."""
+    from fbta.mil import abmil, mambamil, transmil  # noqa: F401
+
+
+def list_mil() -> list[str]:
+    """Names accepted by :func:`create_mil`, sorted."""
+    _load_builtin()
+    return sorted(_BUILDERS)
+
+
+def create_mil(name: str, in_dim: int, n_classes: int, **kwargs: object) -> MILHead:
+    """Build the MIL head registered as ``name``; kwargs go to its constructor (e.g. ``dropout=0.1``)."""
+    _load_builtin()
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown MIL head {name!r}; available: {', '.join(sorted(_BUILDERS))}")
+    return _BUILDERS[name](in_dim, n_classes, **kwargs)

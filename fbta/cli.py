@@ -10,7 +10,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from fbta.config import ConfigError, load_config
+from fbta.config import ConfigError, InputError, load_config
 from fbta.slides.cohort import CohortError
 
 # command → (module under fbta.stages, one-line help). DAG order.
@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tile": ("tile", "detect tissue and write patch coordinates per slide"),
     "extract": ("extract", "frozen patch features per slide (CLAM/TRIDENT HDF5)"),
     "cluster": ("cluster", "per-slide KMeans on frozen features (FBTA pseudo-bag strata)"),
+    "train": ("train", "train a MIL head on frozen features (train.method=vanilla, mil.arch=abmil|transmil|…)"),
+    "evaluate": ("evaluate", "test-split AUC/accuracy/F1 of the trained model → reports/metrics.json"),
+    "heatmap": ("heatmap", "per-slide instance-score heatmaps of the trained model over the thumbnails"),
 }
 
 
@@ -42,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.params, args.overrides)
         module = importlib.import_module(f"fbta.stages.{COMMANDS[args.command][0]}")
         return int(module.run(cfg) or 0)
-    except (ConfigError, CohortError) as exc:
+    except (ConfigError, CohortError, InputError) as exc:
         print(f"fbta {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

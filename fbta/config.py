@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -43,7 +43,7 @@ class SynthCfg:
     seed: int = 0
     positive_fraction: float = 0.5
     tumour_fraction: float = 0.15  # share of tissue area carrying the signal in positive slides
-    tumour_contrast: float = 1.0  # 0..1: how far tumour nuclei differ from normal ones (lower = harder)
+    tumour_contrast: float = 0.15  # 0..1: how far tumour nuclei differ from normal ones (see benchmarks/synth_difficulty.py)
     val_fraction: float = 0.25
     test_fraction: float = 0.25
     mask_downsample: int = 16  # ground-truth mask resolution relative to level 0
@@ -100,6 +100,68 @@ class ClusterCfg:
 
 
 @dataclass
+class MILCfg:
+    """The MIL head: a name from ``fbta.mil.list_mil()`` and its constructor options."""
+
+    arch: str = "abmil"  # abmil | abmil_plain | transmil | mambamil
+    dropout: float = 0.25
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra head options, e.g. mil.kwargs.rate=5 (MambaMIL)
+
+
+@dataclass
+class TrainCfg:
+    """Slide-level training (``fbta train``), one slide per step; defaults sized for a GPU run."""
+
+    method: str = "vanilla"  # vanilla (frozen features → MIL) | fbta (issue #5)
+    epochs: int = 200
+    patience: int = 20  # stop after this many epochs without a better validation AUC
+    lr: float = 2e-4
+    weight_decay: float = 1e-5  # Adam's L2 term
+    ema: bool = False  # validate and save an exponential moving average of the MIL weights
+    ema_alpha: float = 0.999  # EMA decay per optimiser step
+    balanced: bool = True  # class-balanced sampling (weights 1/class count, with replacement)
+    seed: int = 0  # weights init, sampling order, dropout
+    deterministic: bool = True  # torch.use_deterministic_algorithms
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    preload: bool = False  # hold every bag in memory (small cohorts) instead of reading HDF5 each step
+    num_workers: int = 2  # bag-reading processes when not preloaded
+    # splits: labels.csv `split` (or `fold`) column, else drawn once into <data.out>/splits/splits.csv
+    fold: Optional[int] = None  # k-fold: test = fold k, val = fold k+1 (mod K), train = the rest
+    n_folds: int = 5
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    split_seed: int = 0  # seed of the drawn split (separate from `seed`, so re-seeding never re-splits)
+
+
+@dataclass
+class EvaluateCfg:
+    """Slide-level metrics of a trained model (``fbta evaluate``)."""
+
+    split: str = "test"  # test → classification.<method> in metrics.json; val → classification.<method>_val
+
+
+@dataclass
+class HeatmapCfg:
+    """Instance-score heatmaps over slide thumbnails (``fbta heatmap``)."""
+
+    slides: List[str] = field(default_factory=list)  # empty: every slide with features
+    max_px: int = 1024  # longest side of the slide image under the heatmap
+    cmap: str = "turbo"  # any matplotlib colormap name
+    alpha: float = 0.5  # opacity of the coloured patches
+    normalize: str = "percentile"  # percentile (rank within the slide) | minmax
+
+
+@dataclass
+class TrackingCfg:
+    """MLflow: one run per stage execution (sqlite backend; the file store is refused by MLflow 3)."""
+
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    artifact_root: str = "mlruns"  # where a new experiment keeps its artefacts (resolved to a file URI)
+    experiment: str = "fbta"
+
+
+@dataclass
 class Config:
     data: DataCfg = field(default_factory=DataCfg)
     run: RunCfg = field(default_factory=RunCfg)
@@ -108,10 +170,22 @@ class Config:
     tile: TileCfg = field(default_factory=TileCfg)
     extract: ExtractCfg = field(default_factory=ExtractCfg)
     cluster: ClusterCfg = field(default_factory=ClusterCfg)
+    mil: MILCfg = field(default_factory=MILCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
+    heatmap: HeatmapCfg = field(default_factory=HeatmapCfg)
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
 
 
 class ConfigError(ValueError):
     """A params file or override that does not fit the schema (exit code 2)."""
+
+
+class InputError(ValueError):
+    """A stage input that cannot be used — no trained model, an unreachable tracking store (exit code 2).
+
+    Defined here, beside ConfigError, so the CLI can catch it without importing torch or mlflow.
+    """
 
 
 def _one_line(exc: OmegaConfBaseException, source: str) -> str:

@@ -14,7 +14,9 @@ from fbta.config import ConfigError, load_config
 def summarise(out: Path) -> str:
     lines: list[str] = []
     status_dir = out / "reports" / "status"
-    for path in sorted(status_dir.glob("*.json")):
+    order = ["tile", "extract", "cluster", "train", "heatmap"]
+    rank = lambda p: order.index(p.stem) if p.stem in order else len(order)  # noqa: E731 - DAG order first
+    for path in sorted(status_dir.glob("*.json"), key=lambda p: (rank(p), p.stem)):
         rep = json.loads(path.read_text())
         c = rep["counts"]
         lines.append(f"{rep['stage']:<10} done {c['done']:>4}  skipped {c['skipped']:>4}  failed {c['failed']:>4}")

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
 from fbta.mil.data import BagDataset
 from fbta.mil.metrics import Scores, score
@@ -112,7 +112,7 @@ class FitResult:
         return len(self.history) < self.planned_epochs
 
 
-def make_sampler(labels: np.ndarray, balanced: bool, generator: torch.Generator):
+def make_sampler(labels: np.ndarray, balanced: bool, generator: torch.Generator) -> Sampler[int]:
     """Class-balanced (weights 1/class count, with replacement) or a plain shuffle; one epoch = len(labels) draws."""
     if not balanced:
         return RandomSampler(range(len(labels)), generator=generator)
@@ -160,10 +160,12 @@ def fit(model: MILHead, train: BagDataset, val: BagDataset, opts: FitOptions, de
     ema = EMA(model, opts.ema_alpha) if opts.ema_alpha is not None else None
     optimiser = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(opts.seed)
-    loader = DataLoader(train, batch_size=None, sampler=make_sampler(train.labels, opts.balanced, gen),
-                        num_workers=opts.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=opts.num_workers > 0)
+    # own generators for the sampling order and the loader's worker seeds, so that neither draws from the
+    # global RNG that dropout uses: in-memory and worker-streamed bags then give the same run
+    loader = DataLoader(train, batch_size=None, num_workers=opts.num_workers,
+                        sampler=make_sampler(train.labels, opts.balanced, torch.Generator().manual_seed(opts.seed)),
+                        generator=torch.Generator().manual_seed(opts.seed + 1),
+                        pin_memory=device.type == "cuda", persistent_workers=opts.num_workers > 0)
     history: list[Epoch] = []
     best_scores: Optional[Scores] = None
     best_epoch, best_state, since_best = 0, {}, 0

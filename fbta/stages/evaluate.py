@@ -1,0 +1,94 @@
+"""``fbta evaluate``: the trained model on the test split → ⚑ ``reports/metrics.json`` and plots.
+
+Merges ``classification.<variant>.{auc,acc,f1,arch,n,epoch}`` into
+metrics.json (other keys untouched), and writes for ``dvc plots``:
+``reports/plots/roc_<variant>.csv`` (fpr, tpr), ``predictions_<variant>.csv``
+(one row per slide: actual, predicted, probabilities — DVC's confusion
+template), plus ``reports/confusion_<variant>.json`` (the matrix) and a ROC
+PNG. Refuses to score a slide the model was trained or selected on.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+from omegaconf import DictConfig
+
+from fbta.config import ConfigError
+from fbta.io.atomic import atomic_write_text
+from fbta.io.reports import merge_json, write_csv
+from fbta.mil.checkpoint import CheckpointError, load_head
+from fbta.mil.data import BagDataset
+from fbta.mil.metrics import confusion_matrix, roc_points, score
+from fbta.mil.plots import save_roc
+from fbta.mil.train import predict, resolve_device
+from fbta.slides.cohort import CohortError
+from fbta.stages.common import out_dir
+from fbta.stages.milrun import check_method_and_arch, load_cohort, model_folder, variant
+from fbta.tracking import stage_run
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else round(float(x), 6)
+
+
+def run(cfg: DictConfig) -> int:
+    check_method_and_arch(cfg)
+    part = cfg.evaluate.split
+    if part not in ("test", "val"):
+        raise ConfigError(f"evaluate.split='{part}' must be test or val")
+    folder = model_folder(cfg)
+    device = resolve_device(cfg.train.device)
+    head, meta = load_head(folder, device)
+    split, cohort = load_cohort(cfg)
+    if list(meta["classes"]) != cohort.classes:
+        raise CheckpointError(f"{folder}: model classes {meta['classes']} differ from labels.csv's {cohort.classes}")
+    items = cohort.parts[part]
+    if not items:
+        raise CohortError(f"no {part} slide with features to evaluate (split from {split.source})")
+    used = set(meta["split"]["train"]) | (set(meta["split"]["val"]) if part == "test" else set())
+    leaked = sorted(it.slide_id for it in items if it.slide_id in used)
+    if leaked:
+        raise CheckpointError(f"{folder}: {part} slide(s) {', '.join(leaked[:5])} were used to train or select "
+                              f"this model (split changed since training?); retrain with the current split")
+
+    dataset = BagDataset(items)
+    probs, _ = predict(head, dataset, device)
+    y = dataset.labels
+    s = score(y, probs)
+    pred = probs.argmax(1)
+    cm = confusion_matrix(y, pred, len(cohort.classes))
+    name = variant(cfg) if part == "test" else f"{variant(cfg)}_val"
+    entry = {"auc": _finite(s.auc), "acc": _finite(s.acc), "f1": _finite(s.f1), "arch": meta["arch"],
+             "n": s.n, "epoch": meta.get("epoch")}
+    reports = out_dir(cfg, "reports")
+    plots = out_dir(cfg, "reports", "plots")
+    merge_json(reports / "metrics.json", {"classification": {name: entry}})
+    roc = roc_points(y, probs, cohort.classes)
+    write_csv(plots / f"roc_{name}.csv", roc, ["fpr", "tpr", "threshold", "class"])
+    classes = cohort.classes
+    write_csv(plots / f"predictions_{name}.csv", [
+        {"slide_id": it.slide_id, "actual": classes[it.label], "predicted": classes[int(q)],
+         **{f"prob_{c}": float(p[i]) for i, c in enumerate(classes)}}
+        for it, q, p in zip(items, pred, probs)])
+    atomic_write_text(reports / f"confusion_{name}.json", json.dumps(
+        {"classes": classes, "rows": "actual", "columns": "predicted", "matrix": cm.tolist(),
+         "arch": meta["arch"], "split": part}, indent=2) + "\n")
+    save_roc(roc, plots / f"roc_{name}.png", f"{name} {meta['arch']} ({part}, n={s.n}): AUC {s.auc:.3f}")
+
+    tags = {"fbta.method": cfg.train.method, "fbta.arch": meta["arch"], "fbta.variant": name,
+            "fbta.train_run_id": meta.get("mlflow_run_id") or "", "fbta.data_out": cfg.data.out}
+    with stage_run(cfg, "evaluate", f"evaluate-{name}-{meta['arch']}", tags) as mlrun:
+        mlrun.log_metrics({f"{part}_auc": s.auc, f"{part}_acc": s.acc, f"{part}_f1": s.f1, f"{part}_loss": s.loss})
+        for f in (plots / f"roc_{name}.csv", plots / f"roc_{name}.png", plots / f"predictions_{name}.csv",
+                  reports / f"confusion_{name}.json"):
+            mlrun.log_artifact(f, "evaluation")
+
+    print(f"evaluate: {name} {meta['arch']} on {s.n} {part} slides — AUC {s.auc:.3f}, accuracy {s.acc:.3f}, "
+          f"macro-F1 {s.f1:.3f}", flush=True)
+    corner = "actual \\ predicted"
+    first, width = max(len(corner), *map(len, classes)) + 2, max(map(len, classes)) + 2
+    print("  " + corner.ljust(first) + "".join(c.rjust(width) for c in classes))
+    for c, row in zip(classes, cm):
+        print("  " + c.ljust(first) + "".join(str(v).rjust(width) for v in row))
+    return 0

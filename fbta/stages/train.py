@@ -1,0 +1,126 @@
+"""``fbta train``: a MIL head on frozen features → ``<data.out>/models/<method>_<arch>/``.
+
+Writes ``best.pt`` (state dict, ``weights_only`` loadable) and ``meta.json``
+as soon as an epoch improves, then ``history.csv``, ``curves.png`` and the
+resolved ``config.yaml``; the curves also go to
+``reports/plots/train_<variant>.csv`` for ``dvc plots``. One MLflow run per
+execution with per-epoch metrics. Only ``train.method=vanilla`` exists yet.
+"""
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fbta.config import ConfigError, save_config
+from fbta.io.reports import write_csv
+from fbta.mil.checkpoint import META, save_checkpoint
+from fbta.mil.data import BagDataset, Cohort
+from fbta.mil.plots import save_curves
+from fbta.mil.registry import MILHead, create_mil
+from fbta.mil.splits import Split
+from fbta.mil.train import Epoch, FitOptions, fit, resolve_device, seed_everything
+from fbta.slides.cohort import CohortError
+from fbta.stages.common import features_dir, out_dir
+from fbta.stages.milrun import check_method_and_arch, load_cohort, model_folder, variant
+from fbta.status import StageReport
+from fbta.tracking import stage_run
+
+
+def _describe(split: Split, cohort: Cohort) -> str:
+    parts = [f"{p} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items())})"
+             for p, c in cohort.counts().items()]
+    return f"slides: {' · '.join(parts)}; split from {split.source}"
+
+
+def _check_trainable(cohort: Cohort) -> None:
+    counts = cohort.counts()
+    absent = [c for c, n in counts["train"].items() if n == 0]
+    if absent:
+        raise CohortError(f"no training slide with features for class(es) {', '.join(absent)}; "
+                          "check labels.csv's split column and the feature files")
+    if not cohort.parts["val"]:
+        raise CohortError("no validation slide with features: early stopping needs a val split")
+
+
+def _head(cfg: DictConfig, in_dim: int, n_classes: int) -> tuple[MILHead, dict]:
+    kwargs = {"dropout": cfg.mil.dropout, **OmegaConf.to_container(cfg.mil.kwargs, resolve=True)}
+    try:
+        return create_mil(cfg.mil.arch, in_dim, n_classes, **kwargs), kwargs
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"mil.* does not fit mil.arch={cfg.mil.arch}: {exc}") from None
+
+
+def run(cfg: DictConfig) -> int:
+    check_method_and_arch(cfg)
+    t = cfg.train
+    split, cohort = load_cohort(cfg)
+    report = StageReport("train")
+    for sid, why in cohort.missing.items():
+        report.failed(sid, why)
+    _check_trainable(cohort)
+    print(f"train: {cfg.mil.arch} ({t.method}) on {features_dir(cfg)}; {_describe(split, cohort)}", flush=True)
+
+    folder = model_folder(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / META).unlink(missing_ok=True)  # the folder is incomplete until this run's first best epoch
+    device = resolve_device(t.device)
+    seed_everything(t.seed, t.deterministic)
+    head, mil_kwargs = _head(cfg, cohort.in_dim, len(cohort.classes))
+    train_ds = BagDataset(cohort.parts["train"], preload=t.preload)
+    val_ds = BagDataset(cohort.parts["val"], preload=t.preload)
+    opts = FitOptions(epochs=t.epochs, patience=t.patience, lr=t.lr, weight_decay=t.weight_decay,
+                      ema_alpha=t.ema_alpha if t.ema else None, balanced=t.balanced, seed=t.seed,
+                      num_workers=0 if t.preload else t.num_workers, progress=cfg.run.progress)
+    name = variant(cfg)
+    meta = {
+        "method": t.method, "variant": name, "arch": cfg.mil.arch, "mil_kwargs": mil_kwargs,
+        "in_dim": cohort.in_dim, "n_classes": len(cohort.classes), "classes": cohort.classes,
+        "positive_class": cohort.classes[1] if len(cohort.classes) == 2 else None,
+        "weights": "ema" if t.ema else "raw", "ema_alpha": t.ema_alpha if t.ema else None,
+        "features": str(features_dir(cfg)), "split_source": split.source,
+        "split": {p: [it.slide_id for it in items] for p, items in cohort.parts.items()},
+        "seed": t.seed, "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+    }
+    tags = {"fbta.method": t.method, "fbta.arch": cfg.mil.arch, "fbta.variant": name, "fbta.data_out": cfg.data.out}
+    started = time.time()
+    with stage_run(cfg, "train", f"train-{name}-{cfg.mil.arch}", tags) as mlrun:
+        meta["mlflow_run_id"] = mlrun.run_id
+
+        def on_epoch(ep: Epoch, best_state: dict | None) -> None:
+            mlrun.log_metrics({k: v for k, v in ep.as_row().items() if k not in ("epoch", "best")}, step=ep.epoch)
+            if best_state is not None:
+                save_checkpoint(folder, best_state, {**meta, **_best(ep), "complete": False})
+
+        result = fit(head, train_ds, val_ds, opts, device, on_epoch)
+        rows = [e.as_row() for e in result.history]
+        final = {**meta, **_best(result.best), "epochs_run": len(rows), "stopped_early": result.stopped_early,
+                 "seconds": round(time.time() - started, 2), "complete": True}
+        save_checkpoint(folder, result.best_state, final)
+        write_csv(folder / "history.csv", rows)
+        write_csv(out_dir(cfg, "reports", "plots") / f"train_{name}.csv", rows)
+        save_curves(rows, folder / "curves.png", f"{name} {cfg.mil.arch}: best epoch {result.best_epoch}")
+        save_config(cfg, folder / "config.yaml")
+        mlrun.log_metrics({"best_epoch": result.best_epoch, "best_val_auc": result.best.val.auc,
+                           "best_val_loss": result.best.val.loss, "epochs_run": len(rows)})
+        for f in ("best.pt", META, "history.csv", "curves.png", "config.yaml"):
+            mlrun.log_artifact(folder / f, "model")
+
+    for part, items in cohort.parts.items():
+        for it in items:
+            report.done(it.slide_id, 0.0, split=part, label=cohort.classes[it.label], patches=it.n)
+    report.write(out_dir(cfg, "reports", "status") / "train.json")
+    b = result.best
+    stop = f"stopped early after {len(rows)} epochs" if result.stopped_early else f"{len(rows)} epochs"
+    per_epoch = sum(e.seconds for e in result.history) / len(result.history)
+    print(f"train: best epoch {result.best_epoch} (val AUC {b.val.auc:.3f}, acc {b.val.acc:.3f}, "
+          f"loss {b.val.loss:.3f}); {stop}, {per_epoch:.2f} s/epoch; model → {folder}", flush=True)
+    if cohort.missing:
+        print(report.summary(), flush=True)
+    return report.exit_code(cfg.run.strict)
+
+
+def _best(ep: Epoch) -> dict[str, object]:
+    return {"epoch": ep.epoch, **{k: round(v, 6) for k, v in ep.val.as_dict("val_").items()}}

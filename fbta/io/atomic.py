@@ -27,10 +27,20 @@ def atomic_path(dest: str | Path, suffix: str | None = None) -> Iterator[Path]:
     try:
         yield tmp_path
         _fsync(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp_path, dest)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once at import: os.umask is process-wide and not thread-safe
 
 
 def _fsync(path: Path) -> None:

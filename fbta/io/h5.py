@@ -117,3 +117,26 @@ def feature_files(folder: Path) -> dict[str, Path]:
     sub = folder / "h5_files"
     root = sub if sub.is_dir() else folder
     return {p.stem: p for p in sorted(root.glob("*.h5")) if not p.name.startswith(".")}
+
+
+# -- clusters (fbta cluster) ----------------------------------------------------------------
+
+
+def clusters_complete(path: Path, expect: Mapping[str, Any]) -> bool:
+    """True if ``path`` is a finished clusters file made with ``expect`` (C, seed, method, features)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return bool(f.attrs.get("fbta_complete")) and all(_py(f.attrs.get(k)) == v for k, v in expect.items())
+    except (OSError, KeyError):
+        return False
+
+
+def write_clusters(dest: Path, labels: np.ndarray, centroids: np.ndarray, attrs: Mapping[str, Any]) -> None:
+    """clusters/<model>/<slide_id>.h5: per-patch ``labels`` (coords order) and ``centroids``."""
+    with atomic_path(dest) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("labels", data=labels.astype(np.int32), track_times=False)
+            f.create_dataset("centroids", data=centroids.astype(np.float32), track_times=False)
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            f.attrs["fbta_complete"] = True

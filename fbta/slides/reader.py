@@ -229,18 +229,6 @@ def _openslide_format(path: Path) -> Optional[str]:
         return None
 
 
-def level_for_mpp(slide: Slide, target_mpp: float, tolerance: float) -> tuple[int, int, float]:
-    """(level, read size factor) helper: level to read target-MPP patches from.
-
-    Returns (level, downsample wanted, level downsample). A level "matches" when its
-    downsample is within ``tolerance`` of the wanted one; otherwise the finer level
-    is read and resized.
-    """
-    want = target_mpp / slide.mpp
-    level = slide.best_level(want, tolerance)
-    return level, want, slide.levels[level].downsample
-
-
 def read_size_for(patch_size: int, want: float, level_ds: float, tolerance: float) -> int:
     """Pixels to read at a level so that they cover ``patch_size`` target pixels."""
     ratio = want / level_ds

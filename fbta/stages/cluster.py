@@ -8,33 +8,13 @@ from __future__ import annotations
 import time
 
 import h5py
-import numpy as np
 from omegaconf import DictConfig
 
 from fbta.config import save_config
 from fbta.features.kmeans import cluster_bag
-from fbta.io.atomic import atomic_path
-from fbta.io.h5 import _py, feature_files, read_features
+from fbta.io.h5 import _py, clusters_complete, feature_files, read_features, write_clusters
 from fbta.stages.common import features_dir, out_dir, progress
 from fbta.status import StageReport
-
-
-def clusters_complete(path, expect: dict) -> bool:
-    try:
-        with h5py.File(path, "r") as f:
-            return bool(f.attrs.get("fbta_complete")) and all(_py(f.attrs.get(k)) == v for k, v in expect.items())
-    except (OSError, KeyError):
-        return False
-
-
-def write_clusters(dest, labels: np.ndarray, centroids: np.ndarray, attrs: dict) -> None:
-    with atomic_path(dest) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("labels", data=labels.astype(np.int32), track_times=False)
-            f.create_dataset("centroids", data=centroids.astype(np.float32), track_times=False)
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            f.attrs["fbta_complete"] = True
 
 
 def run(cfg: DictConfig) -> int:

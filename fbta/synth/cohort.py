@@ -9,14 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
-import secrets
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from fbta.io.atomic import atomic_path
 from fbta.synth.slide import make_slide
 
 log = logging.getLogger(__name__)
@@ -27,15 +26,9 @@ _SLIDE_STREAM, _LABEL_STREAM = 1, 2  # RNG stream ids under the cohort seed
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temp file in the same folder then ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # plain open: umask applies
-    try:
+    """``write(tmp)`` then rename onto ``path`` (fbta.io.atomic): readers never see half a file."""
+    with atomic_path(path, suffix=path.suffix) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _downsample(rgb: np.ndarray, factor: int, chunk_rows: int = 1024) -> np.ndarray:

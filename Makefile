@@ -15,13 +15,15 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv test test-slow demo lock clean-data
+.PHONY: help venv test test-slow demo lock clean-data serve flow-run
 
 help:
 	@echo "make demo       build .venv, make the demo cohort, run the pipeline (dvc repro), print results"
 	@echo "make test       build .venv, run the test suite (slow tests excluded)"
 	@echo "make test-slow  the slow tests only"
 	@echo "make lock       re-resolve requirements.lock from pyproject.toml"
+	@echo "make serve      Prefect server on 127.0.0.1:$(PREFECT_PORT) + the process serving prefect.yaml's deployments"
+	@echo "make flow-run   (another shell, while serve runs) prefect deployment run 'fbta-pipeline/local' --watch"
 
 venv: $(STAMP)
 
@@ -50,6 +52,15 @@ lock:
 	/tmp/fbta-lock/bin/pip install -q pip==$(PIP_VERSION) && /tmp/fbta-lock/bin/pip install -q -e '.[test]'
 	{ echo "# Resolved, pinned environment for fbta. Regenerate: make lock"; \
 	  /tmp/fbta-lock/bin/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock
+
+# Prefect: state in .prefect/ (gitignored); the UI at http://127.0.0.1:$(PREFECT_PORT).
+PREFECT_PORT ?= 4200
+serve: venv
+	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/python flows/serve.py --host 127.0.0.1 --port $(PREFECT_PORT)
+
+flow-run: venv
+	PREFECT_HOME=$(CURDIR)/.prefect PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
+	  $(BIN)/prefect deployment run 'fbta-pipeline/local' --watch
 
 clean-data:
 	rm -rf data/slides data/masks data/labels.csv data/coords data/reports

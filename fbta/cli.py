@@ -19,9 +19,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tile": ("tile", "detect tissue and write patch coordinates per slide"),
     "extract": ("extract", "frozen patch features per slide (CLAM/TRIDENT HDF5)"),
     "cluster": ("cluster", "per-slide KMeans on frozen features (FBTA pseudo-bag strata)"),
-    "train": ("train", "train a MIL head on frozen features (train.method=vanilla, mil.arch=abmil|transmil|…)"),
+    "train": ("train", "train a MIL head: on frozen features (train.method=vanilla) or end to end (train.method=fbta)"),
+    "infer": ("infer", "FBTA model on held-out slides: translator path vs TFE* re-extraction → metrics.json"),
     "evaluate": ("evaluate", "test-split AUC/accuracy/F1 of the trained model → reports/metrics.json"),
     "heatmap": ("heatmap", "per-slide instance-score heatmaps of the trained model over the thumbnails"),
+    "seg-teacher": ("seg_teacher", "IKD-MIL stage 1: patch caches + segmentation teacher from patch labels"),
+    "seg-distill": ("seg_distill", "IKD-MIL stage 2: fusion-knowledge distillation with role reversal → student"),
+    "register": ("register", "log models to the MLflow registry; move @champion only to a better one"),
+    "tune": ("tune", "Optuna study over C, M, K and learning rates (sqlite:///optuna.db, resumable)"),
+    "predict": ("predict", "batch inference on new slides with the champion: tile → extract → predictions"),
+    "report": ("report", "rebuild reports/metrics.json from every stage's fragment; print the results table"),
 }
 
 

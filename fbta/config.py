@@ -30,6 +30,7 @@ class RunCfg:
     strict: bool = False  # non-zero exit when any slide failed
     seed: int = 0
     progress: bool = True  # tqdm bars on long loops
+    slides: List[str] = field(default_factory=list)  # per-slide stages: only these slide ids (empty: all)
 
 
 @dataclass
@@ -134,6 +135,153 @@ class TrainCfg:
 
 
 @dataclass
+class AugmentCfg:
+    """Augmentation of the end-to-end view X_SB (METHODS.md A.4, our choice): geometric + mild colour."""
+
+    flip: bool = True  # random horizontal / vertical flips
+    rot90: bool = True  # random multiples of 90°
+    brightness: float = 0.1  # colour jitter amplitudes (0 = off)
+    contrast: float = 0.1
+    saturation: float = 0.1
+    hue: float = 0.02
+    hed_sigma: float = 0.03  # HED (haematoxylin/eosin/DAB) stain jitter: per-channel scale 1±σ, shift ±σ
+
+
+@dataclass
+class FBTACfg:
+    """FBTA end-to-end training (``fbta train train.method=fbta``), METHODS.md A; C is ``cluster.n_clusters``."""
+
+    m: int = 1  # M: instances drawn per cluster per epoch (paper: 1 or 2); memory grows with C·M, not N
+    sampling: str = "kmeans"  # kmeans (stratified over cached clusters) | random (same C·M, the ablation)
+    views: List[str] = field(default_factory=lambda: ["fb", "eb", "tb"])  # bags in L_cls/L_cons: fb, eb, tb
+    k: int = 10  # K translator heads
+    hidden: int = 0  # translator hidden width; 0: the feature dimension
+    layernorm: bool = False  # LayerNorm before each translator head's MLP
+    trainable_extractor: bool = True  # false: the TFE stays frozen (the paper's "freeze TFE" ablation)
+    train_blocks: int = -1  # -1: train the whole TFE; n: only its last n blocks (cheap CPU demos)
+    freeze_bn: bool = True  # keep the TFE's BatchNorm statistics (a pseudo-bag is a small, one-slide batch)
+    extractor_lr: float = 1e-5  # TFE learning rate (MIL uses train.lr)
+    translator_lr: float = 2e-4
+    ema_alpha: float = 0.9  # MIL* and TFE*: ema = α·ema + (1 − α)·model
+    ema_every: str = "epoch"  # epoch | step: when the EMA teachers are updated
+    consistency: bool = True  # L_cons with curriculum weight t/T
+    augment: AugmentCfg = field(default_factory=AugmentCfg)
+    num_workers: int = 2  # patch-reading processes prefetching the next slides' pseudo-bags
+    prefetch: int = 2  # pseudo-bags each worker reads ahead
+    amp: bool = True  # autocast on CUDA (ignored on CPU)
+
+
+@dataclass
+class InferCfg:
+    """``fbta infer``: the FBTA model's translator path, and the TFE* re-extraction it replaces."""
+
+    reextract: bool = True  # also re-encode every held-out patch with TFE* (classification.fbta_reextract)
+    batch_size: int = 128  # re-extraction batch
+    num_workers: int = 4  # re-extraction patch-reading processes
+
+
+@dataclass
+class RegisterCfg:
+    """MLflow registry (``fbta register``): log trained models as pyfunc, move @champion only when better."""
+
+    models: List[str] = field(default_factory=lambda: ["classifier"])  # classifier | segmenter
+    classifier: Optional[str] = None  # model folder; None: <data.out>/models/<train.method>_<mil.arch>
+    segmenter: Optional[str] = None  # model folder; None: <data.out>/models/seg_student
+    classifier_name: str = "fbta-classifier"  # registered model names (⚑)
+    segmenter_name: str = "fbta-segmenter"
+    promote: bool = True  # false: register the version only, never move aliases
+
+
+@dataclass
+class TuneCfg:
+    """Optuna study (``fbta tune``); one trial = one training run. A list of choices per key, [] = not tuned."""
+
+    storage: str = "sqlite:///optuna.db"  # never the MLflow database (both keep an alembic_version table)
+    study: Optional[str] = None  # None: fbta-<dataset>-<train.method>-<mil.arch>
+    dataset: Optional[str] = None  # None: the name of the labels file's folder
+    n_trials: int = 20  # total for the study: a re-run continues up to this many finished trials
+    timeout: Optional[float] = None  # seconds for this invocation (None: no limit)
+    seed: int = 0  # TPE sampler seed
+    startup_trials: int = 5  # random trials before TPE models the space; trials the pruner waits for
+    warmup_epochs: int = 2  # epochs a trial runs before it may be pruned
+    epochs: Optional[int] = None  # train.epochs for a trial (None: train.epochs)
+    n_clusters: List[int] = field(default_factory=lambda: [50, 100, 200])  # C (fbta only)
+    m: List[int] = field(default_factory=lambda: [1, 2])  # M (fbta only)
+    k: List[int] = field(default_factory=lambda: [5, 10, 20])  # K (fbta only)
+    lr: List[float] = field(default_factory=lambda: [5e-5, 1e-3])  # train.lr, [low, high] log-uniform
+    extractor_lr: List[float] = field(default_factory=lambda: [5e-6, 5e-5])  # fbta only
+    translator_lr: List[float] = field(default_factory=lambda: [5e-5, 1e-3])  # fbta only
+
+
+@dataclass
+class PredictCfg:
+    """Batch inference on new slides (``fbta predict``): tile → extract → classifier → predictions."""
+
+    slides: str = "data/new_slides"  # folder of new slides
+    labels: Optional[str] = None  # optional slide_id,label[,mpp,path] CSV; None: <slides>/labels.csv if present
+    out: Optional[str] = None  # where their coords/features go; None: <data.out>/predict
+    model: str = "models:/fbta-classifier@champion"  # an MLflow model URI or a model folder
+    name: str = "predictions"  # reports/predictions/<name>.{csv,json}
+
+
+@dataclass
+class SegTeacherCfg:
+    """IKD-MIL stage 1 (``fbta seg-teacher``): side-output network from broadcast patch labels."""
+
+    epochs: int = 30
+    lr: float = 5e-5  # Adam (authors' code: 5e-5, weight decay 5e-5)
+    weight_decay: float = 5e-5
+    loss: str = "dice"  # dice (IKD-MIL: soft Dice, inverted on negatives) | gmp_bce (generalised-mean pooling + BCE)
+    gmp_r: float = 4.0  # r of generalised-mean pooling (gmp_bce only)
+    seed: int = 0
+
+
+@dataclass
+class SegDistillCfg:
+    """IKD-MIL stage 2 (``fbta seg-distill``): fusion-knowledge distillation with role reversal."""
+
+    epochs: int = 120
+    lr: float = 5e-5
+    weight_decay: float = 5e-5
+    kd: str = "fusion"  # fusion (every student map vs the teacher's fused map) | blockwise (s_i vs teacher s_i)
+    weighted_ce: bool = True  # OEEM-style weighted CE vs the teacher's pseudo-label (thresholded at 0.5)
+    ce_weight: float = 2.0  # × batch size: the authors' `loss_oeem * 2 * B`
+    role_reversal: bool = True
+    reversal_start: int = 30  # first epoch a swap is checked (authors: 60 of 500)
+    reversal_every: int = 30  # then every n epochs
+    init: str = "backbone"  # student init: backbone (ImageNet/random backbone, fresh side outputs) | teacher (copy)
+    seed: int = 0
+
+
+@dataclass
+class SegCfg:
+    """IKD-MIL weakly-supervised segmentation (METHODS.md B); schema defaults sized for a GPU."""
+
+    backbone: str = "efficientnet_lite0"  # an extractor name (fbta.features.list_extractors()); its timm arch
+    weights: Optional[str] = None  # as extract.weights: None = the extractor's offline default, "random", or a path
+    out_indices: List[int] = field(default_factory=lambda: [0, 1, 2])  # timm features_only stages → s1, s2, s3
+    fusion: str = "fixed"  # fixed | learnable (softmax-normalised weights initialised from fusion_weights)
+    fusion_weights: List[float] = field(default_factory=lambda: [0.3, 0.3, 0.4])
+    min_tumour_fraction: float = 0.0  # a patch is positive when its annotated tumour share is above this
+    normal_labels: List[str] = field(default_factory=lambda: ["normal"])  # slides of these labels need no mask
+    neg_per_pos: float = 1.0  # negatives kept per positive patch in each split (0: keep all)
+    max_train: int = 0  # patches per split after balancing (0: no cap)
+    max_val: int = 0
+    max_test: int = 0
+    data_seed: int = 0  # which patches are sampled (separate from the training seeds)
+    batch_size: int = 16
+    input_size: int = 0  # px the network sees (patches resized to it; maps returned at patch size); 0 = patch size
+    augment: bool = True  # random flips and 90° rotations of training patches
+    sigma: float = 3.0  # Gaussian smoothing of the fused map before thresholding (metrics)
+    threshold: float = 0.5
+    overlays: int = 6  # test patches drawn as overlay PNGs
+    device: str = "auto"
+    deterministic: bool = True
+    teacher: SegTeacherCfg = field(default_factory=SegTeacherCfg)
+    distill: SegDistillCfg = field(default_factory=SegDistillCfg)
+
+
+@dataclass
 class EvaluateCfg:
     """Slide-level metrics of a trained model (``fbta evaluate``)."""
 
@@ -162,6 +310,19 @@ class TrackingCfg:
 
 
 @dataclass
+class FlowsCfg:
+    """Prefect orchestration (flows/): how the dvc.yaml DAG is scheduled; read by no DVC stage."""
+
+    per_slide: List[str] = field(default_factory=lambda: ["tile", "extract", "cluster"])  # stages fanned out per slide
+    slide_concurrency: int = 2  # per-slide tasks at once (the local task runner's thread count)
+    retries: int = 2  # retries of a per-slide task (slide reads are the flaky part)
+    retry_delay_s: float = 5.0
+    stage_retries: int = 0  # retries of a whole (non per-slide) stage
+    task_runner: str = "thread"  # thread | dask (prefect-dask, issue #8)
+    dask_address: Optional[str] = None  # an existing Dask scheduler, e.g. tcp://10.0.0.5:8786
+
+
+@dataclass
 class Config:
     data: DataCfg = field(default_factory=DataCfg)
     run: RunCfg = field(default_factory=RunCfg)
@@ -172,9 +333,16 @@ class Config:
     cluster: ClusterCfg = field(default_factory=ClusterCfg)
     mil: MILCfg = field(default_factory=MILCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    fbta: FBTACfg = field(default_factory=FBTACfg)
+    infer: InferCfg = field(default_factory=InferCfg)
+    seg: SegCfg = field(default_factory=SegCfg)
+    register: RegisterCfg = field(default_factory=RegisterCfg)
+    tune: TuneCfg = field(default_factory=TuneCfg)
+    predict: PredictCfg = field(default_factory=PredictCfg)
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
     heatmap: HeatmapCfg = field(default_factory=HeatmapCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
+    flows: FlowsCfg = field(default_factory=FlowsCfg)
 
 
 class ConfigError(ValueError):

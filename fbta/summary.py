@@ -11,7 +11,7 @@ from pathlib import Path
 from fbta.config import ConfigError, load_config
 
 
-def summarise(out: Path) -> str:
+def summarise(out: Path, with_metrics: bool = True) -> str:
     lines: list[str] = []
     status_dir = out / "reports" / "status"
     order = ["tile", "extract", "cluster", "train", "heatmap"]
@@ -25,18 +25,11 @@ def summarise(out: Path) -> str:
             lines.append(f"{'':<10} patches per slide: min {min(patches)}, median {sorted(patches)[len(patches) // 2]}, "
                          f"max {max(patches)}, total {sum(patches)}")
     metrics = out / "reports" / "metrics.json"
-    if metrics.exists():
-        lines.append("metrics:")
-        lines.extend(f"  {k}: {v}" for k, v in _flatten(json.loads(metrics.read_text())))
+    if with_metrics and metrics.exists():
+        from fbta.stages.report import results_table
+
+        lines.append(results_table(json.loads(metrics.read_text())))
     return "\n".join(lines) if lines else f"no reports under {out}/reports yet"
-
-
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
-    items: list[tuple[str, object]] = []
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        items.extend(_flatten(v, key) if isinstance(v, dict) else [(key, v)])
-    return items
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,3 +67,19 @@ def write_csv(dest: str | Path, rows: Sequence[Mapping[str, Any]], fields: Seque
     for r in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     atomic_write_text(dest, buf.getvalue())
+
+
+def publish_metrics(reports_dir: str | Path, fragment: str, update: Mapping[str, Any]) -> Path:
+    """Write ``reports/metrics/<fragment>.json`` and merge the same keys into ``reports/metrics.json``.
+
+    Why both: DVC lets only one stage own a file, so each stage declares its own
+    fragment as its DVC metrics and the ``report`` stage rebuilds metrics.json
+    from all fragments; a user running one command by hand still sees
+    metrics.json updated at once.
+    """
+    reports_dir = Path(reports_dir)
+    dest = reports_dir / "metrics" / f"{fragment}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dest, json.dumps(dict(update), indent=2, sort_keys=True) + "\n")
+    merge_json(reports_dir / "metrics.json", update)
+    return dest

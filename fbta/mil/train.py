@@ -19,8 +19,8 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -90,10 +90,11 @@ class Epoch:
     val: Scores
     seconds: float
     best: bool = False
+    extra: dict[str, float] = field(default_factory=dict)  # method-specific (FBTA: loss terms, step-time split)
 
     def as_row(self) -> dict[str, float]:
         return {"epoch": self.epoch, "train_loss": self.train_loss, "train_acc": self.train_acc,
-                **self.val.as_dict("val_"), "seconds": self.seconds, "best": int(self.best)}
+                **self.val.as_dict("val_"), "seconds": self.seconds, "best": int(self.best), **self.extra}
 
 
 @dataclass
@@ -122,17 +123,23 @@ def make_sampler(labels: np.ndarray, balanced: bool, generator: torch.Generator)
 
 
 @torch.no_grad()
-def predict(model: MILHead, dataset: BagDataset, device: torch.device) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Class probabilities (n×C) and instance scores (one array of N per slide), in eval mode."""
-    was_training = model.training
-    model.eval()
+def predict(model: Any, dataset: BagDataset, device: torch.device) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Class probabilities (n×C) and instance scores (one array of N per slide), in eval mode.
+
+    ``model`` is a :class:`MILHead` or anything called the same way (an FBTA
+    translator → MIL classifier).
+    """
+    was_training = bool(getattr(model, "training", False))
+    if isinstance(model, nn.Module):
+        model.eval()
     probs, scores = [], []
     for i in range(len(dataset)):
         bag, _ = dataset[i]
         out = model(bag.to(device))
         probs.append(out.probs.float().cpu().numpy()[0])
         scores.append(out.scores.detach().float().cpu().numpy())
-    model.train(was_training)
+    if isinstance(model, nn.Module):
+        model.train(was_training)
     return np.stack(probs) if probs else np.zeros((0, model.n_classes)), scores
 
 

@@ -13,16 +13,19 @@ from omegaconf import DictConfig
 from fbta.config import save_config
 from fbta.features.kmeans import cluster_bag
 from fbta.io.h5 import _py, clusters_complete, feature_files, read_features, write_clusters
-from fbta.stages.common import features_dir, out_dir, progress
+from fbta.stages.common import clusters_dir, features_dir, only_slides, out_dir, progress
 from fbta.status import StageReport
 
 
 def run(cfg: DictConfig) -> int:
     feats_dir = features_dir(cfg)
-    dest_dir = out_dir(cfg, "clusters", feats_dir.name if cfg.data.features else cfg.extract.model)
+    dest_dir = clusters_dir(cfg)
+    dest_dir.mkdir(parents=True, exist_ok=True)
     report = StageReport("cluster")
     c = cfg.cluster
     files = feature_files(feats_dir)
+    subset = only_slides(cfg, files, str(feats_dir))
+    files = {k: v for k, v in files.items() if subset is None or k in subset}
     if not files:
         print(f"cluster: no feature files in {feats_dir}; run `fbta extract` or set data.features", flush=True)
     for slide_id, fpath in progress(files.items(), cfg, "cluster"):

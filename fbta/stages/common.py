@@ -28,6 +28,11 @@ def features_dir(cfg: DictConfig) -> Path:
     return Path(cfg.data.out, "features", cfg.extract.model)
 
 
+def clusters_dir(cfg: DictConfig) -> Path:
+    """Where ``fbta cluster`` writes, and FBTA reads, per-slide KMeans: ``clusters/<features folder name>``."""
+    return Path(cfg.data.out, "clusters", features_dir(cfg).name if cfg.data.features else cfg.extract.model)
+
+
 def tile_failure(cfg: DictConfig, slide_id: str) -> str | None:
     """Why ``fbta tile`` failed on a slide, if it did (so later stages can say so)."""
     import json
@@ -38,3 +43,21 @@ def tile_failure(cfg: DictConfig, slide_id: str) -> str | None:
     except (OSError, ValueError, KeyError):
         return None
     return next((s["reason"] for s in slides if s["slide_id"] == slide_id and s["status"] == "failed"), None)
+
+
+def only_slides(cfg: DictConfig, slide_ids: Iterable[str], source: str) -> set[str] | None:
+    """The ``run.slides`` subset (None: every slide), checked against the ids a stage can see.
+
+    Why: the Prefect flow fans a per-slide stage out one slide per task; a typo'd
+    id must fail loudly instead of silently processing nothing.
+    """
+    wanted = list(cfg.run.slides or [])
+    if not wanted:
+        return None
+    known = set(slide_ids)
+    unknown = [s for s in wanted if s not in known]
+    if unknown:
+        from fbta.config import ConfigError
+
+        raise ConfigError(f"run.slides: unknown slide id(s) {', '.join(unknown)} (not in {source})")
+    return set(wanted)

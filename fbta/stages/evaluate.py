@@ -1,7 +1,8 @@
 """``fbta evaluate``: the trained model on the test split → ⚑ ``reports/metrics.json`` and plots.
 
 Merges ``classification.<variant>.{auc,acc,f1,arch,n,epoch}`` into
-metrics.json (other keys untouched), and writes for ``dvc plots``:
+metrics.json (other keys untouched; the same keys go to the DVC fragment
+``reports/metrics/evaluate_<variant>.json``), and writes for ``dvc plots``:
 ``reports/plots/roc_<variant>.csv`` (fpr, tpr), ``predictions_<variant>.csv``
 (one row per slide: actual, predicted, probabilities — DVC's confusion
 template), plus ``reports/confusion_<variant>.json`` (the matrix) and a ROC
@@ -11,15 +12,18 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig
 
 from fbta.config import ConfigError
 from fbta.io.atomic import atomic_write_text
-from fbta.io.reports import merge_json, write_csv
-from fbta.mil.checkpoint import CheckpointError, load_head
-from fbta.mil.data import BagDataset
-from fbta.mil.metrics import confusion_matrix, roc_points, score
+from fbta.e2e.classifier import load_classifier
+from fbta.io.reports import publish_metrics, write_csv
+from fbta.mil.checkpoint import CheckpointError
+from fbta.mil.data import BagDataset, BagItem
+from fbta.mil.metrics import Scores, confusion_matrix, roc_points, score
 from fbta.mil.plots import save_roc
 from fbta.mil.train import predict, resolve_device
 from fbta.slides.cohort import CohortError
@@ -32,14 +36,11 @@ def _finite(x: float) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), 6)
 
 
-def run(cfg: DictConfig) -> int:
-    check_method_and_arch(cfg)
+def held_out(cfg: DictConfig, meta: dict, folder: Path) -> tuple[str, list[BagItem], list[str]]:
+    """The ``evaluate.split`` slides with features, refusing any the model was trained or selected on."""
     part = cfg.evaluate.split
     if part not in ("test", "val"):
         raise ConfigError(f"evaluate.split='{part}' must be test or val")
-    folder = model_folder(cfg)
-    device = resolve_device(cfg.train.device)
-    head, meta = load_head(folder, device)
     split, cohort = load_cohort(cfg)
     if list(meta["classes"]) != cohort.classes:
         raise CheckpointError(f"{folder}: model classes {meta['classes']} differ from labels.csv's {cohort.classes}")
@@ -51,22 +52,24 @@ def run(cfg: DictConfig) -> int:
     if leaked:
         raise CheckpointError(f"{folder}: {part} slide(s) {', '.join(leaked[:5])} were used to train or select "
                               f"this model (split changed since training?); retrain with the current split")
+    return part, items, cohort.classes
 
-    dataset = BagDataset(items)
-    probs, _ = predict(head, dataset, device)
-    y = dataset.labels
+
+def report_variant(cfg: DictConfig, variant_name: str, part: str, items: list[BagItem], classes: list[str],
+                   probs: np.ndarray, meta: dict, extra: dict | None = None, fragment: str = "evaluate") -> Scores:
+    """⚑ ``classification.<variant>`` into metrics.json (+ fragment), ROC/predictions/confusion files, MLflow run."""
+    name = variant_name if part == "test" else f"{variant_name}_val"
+    y = np.array([it.label for it in items], dtype=np.int64)
     s = score(y, probs)
     pred = probs.argmax(1)
-    cm = confusion_matrix(y, pred, len(cohort.classes))
-    name = variant(cfg) if part == "test" else f"{variant(cfg)}_val"
+    cm = confusion_matrix(y, pred, len(classes))
     entry = {"auc": _finite(s.auc), "acc": _finite(s.acc), "f1": _finite(s.f1), "arch": meta["arch"],
-             "n": s.n, "epoch": meta.get("epoch")}
+             "n": s.n, "epoch": meta.get("epoch"), **(extra or {})}
     reports = out_dir(cfg, "reports")
     plots = out_dir(cfg, "reports", "plots")
-    merge_json(reports / "metrics.json", {"classification": {name: entry}})
-    roc = roc_points(y, probs, cohort.classes)
+    publish_metrics(reports, f"{fragment}_{name}", {"classification": {name: entry}})
+    roc = roc_points(y, probs, classes)
     write_csv(plots / f"roc_{name}.csv", roc, ["fpr", "tpr", "threshold", "class"])
-    classes = cohort.classes
     write_csv(plots / f"predictions_{name}.csv", [
         {"slide_id": it.slide_id, "actual": classes[it.label], "predicted": classes[int(q)],
          **{f"prob_{c}": float(p[i]) for i, c in enumerate(classes)}}
@@ -76,19 +79,32 @@ def run(cfg: DictConfig) -> int:
          "arch": meta["arch"], "split": part}, indent=2) + "\n")
     save_roc(roc, plots / f"roc_{name}.png", f"{name} {meta['arch']} ({part}, n={s.n}): AUC {s.auc:.3f}")
 
-    tags = {"fbta.method": cfg.train.method, "fbta.arch": meta["arch"], "fbta.variant": name,
+    tags = {"fbta.method": meta.get("method", ""), "fbta.arch": meta["arch"], "fbta.variant": name,
             "fbta.train_run_id": meta.get("mlflow_run_id") or "", "fbta.data_out": cfg.data.out}
-    with stage_run(cfg, "evaluate", f"evaluate-{name}-{meta['arch']}", tags) as mlrun:
-        mlrun.log_metrics({f"{part}_auc": s.auc, f"{part}_acc": s.acc, f"{part}_f1": s.f1, f"{part}_loss": s.loss})
+    with stage_run(cfg, fragment, f"{fragment}-{name}-{meta['arch']}", tags) as mlrun:
+        mlrun.log_metrics({f"{part}_auc": s.auc, f"{part}_acc": s.acc, f"{part}_f1": s.f1, f"{part}_loss": s.loss,
+                           **{k: v for k, v in (extra or {}).items() if isinstance(v, (int, float))}})
         for f in (plots / f"roc_{name}.csv", plots / f"roc_{name}.png", plots / f"predictions_{name}.csv",
                   reports / f"confusion_{name}.json"):
             mlrun.log_artifact(f, "evaluation")
 
-    print(f"evaluate: {name} {meta['arch']} on {s.n} {part} slides — AUC {s.auc:.3f}, accuracy {s.acc:.3f}, "
+    print(f"{fragment}: {name} {meta['arch']} on {s.n} {part} slides — AUC {s.auc:.3f}, accuracy {s.acc:.3f}, "
           f"macro-F1 {s.f1:.3f}", flush=True)
     corner = "actual \\ predicted"
     first, width = max(len(corner), *map(len, classes)) + 2, max(map(len, classes)) + 2
     print("  " + corner.ljust(first) + "".join(c.rjust(width) for c in classes))
     for c, row in zip(classes, cm):
         print("  " + c.ljust(first) + "".join(str(v).rjust(width) for v in row))
+    return s
+
+
+def run(cfg: DictConfig) -> int:
+    """The trained model's deployed path (FBTA: translator → EMA MIL) on the held-out slides."""
+    check_method_and_arch(cfg)
+    folder = model_folder(cfg)
+    device = resolve_device(cfg.train.device)
+    model = load_classifier(folder, device)
+    part, items, classes = held_out(cfg, model.meta, folder)
+    probs, _ = predict(model, BagDataset(items), device)
+    report_variant(cfg, variant(cfg), part, items, classes, probs, model.meta)
     return 0

@@ -12,7 +12,7 @@ from fbta.features.extract import SlidePatches, extract_patches, features_finger
 from fbta.features.registry import create_extractor
 from fbta.io.h5 import coords_complete, features_complete, read_coords, write_features
 from fbta.slides.cohort import discover
-from fbta.stages.common import out_dir, tile_failure
+from fbta.stages.common import only_slides, out_dir, tile_failure
 from fbta.status import StageReport
 
 
@@ -23,7 +23,9 @@ def run(cfg: DictConfig) -> int:
     feats_dir = out_dir(cfg, "features", cfg.extract.model, "h5_files")
     report = StageReport("extract")
     todo = []
-    for entry in discover(cfg.data.slides, cfg.data.labels):
+    entries = discover(cfg.data.slides, cfg.data.labels)
+    subset = only_slides(cfg, (e.slide_id for e in entries), f"{cfg.data.slides} / {cfg.data.labels}")
+    for entry in (e for e in entries if subset is None or e.slide_id in subset):
         cpath = coords_dir / f"{entry.slide_id}.h5"
         if not coords_complete(cpath):
             why = tile_failure(cfg, entry.slide_id)

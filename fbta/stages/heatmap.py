@@ -24,7 +24,7 @@ from PIL import Image
 from fbta.config import ConfigError, save_config
 from fbta.io.atomic import atomic_path, atomic_write_text
 from fbta.io.h5 import _py, feature_files, read_features
-from fbta.mil.checkpoint import load_head
+from fbta.e2e.classifier import load_classifier
 from fbta.mil.heatmap import NORMALISE, draw_heatmap, localisation, normalise, patch_fraction_inside
 from fbta.mil.train import resolve_device
 from fbta.slides.cohort import CohortError, discover
@@ -99,7 +99,8 @@ def run(cfg: DictConfig) -> int:
         raise ConfigError(f"heatmap.cmap='{h.cmap}' is not a matplotlib colormap (e.g. turbo, jet, viridis)")
     folder = model_folder(cfg)
     device = resolve_device(cfg.train.device)
-    head, meta = load_head(folder, device)
+    head = load_classifier(folder, device)  # FBTA: translator → EMA MIL, as deployed
+    meta = head.meta
     files = feature_files(features_dir(cfg))
     wanted = list(h.slides) or sorted(files)
     unknown = [s for s in wanted if s not in files]

@@ -13,7 +13,7 @@ from fbta.slides.cohort import CohortError, read_labels
 from fbta.stages.common import features_dir, tile_failure
 
 METHODS = ("vanilla", "fbta")
-IMPLEMENTED = ("vanilla",)
+IMPLEMENTED = ("vanilla", "fbta")
 
 
 def check_method_and_arch(cfg: DictConfig) -> None:

@@ -9,7 +9,7 @@ from fbta.config import save_config
 from fbta.io.h5 import coords_complete, write_coords
 from fbta.slides.cohort import discover
 from fbta.slides.reader import SlideError, open_slide
-from fbta.stages.common import out_dir, progress
+from fbta.stages.common import only_slides, out_dir, progress
 from fbta.status import StageReport
 from fbta.tiling.thumbnail import save_thumbnail
 from fbta.tiling.tiler import params_hash, tile_slide
@@ -19,6 +19,8 @@ def run(cfg: DictConfig) -> int:
     coords_dir = out_dir(cfg, "coords")
     thumbs_dir = out_dir(cfg, "reports", "plots", "thumbnails")
     entries = discover(cfg.data.slides, cfg.data.labels)
+    subset = only_slides(cfg, (e.slide_id for e in entries), f"{cfg.data.slides} / {cfg.data.labels}")
+    entries = [e for e in entries if subset is None or e.slide_id in subset]
     report = StageReport("tile")
     bar = progress(entries, cfg, "tile")
     for entry in bar:

@@ -4,12 +4,17 @@ Writes ``best.pt`` (state dict, ``weights_only`` loadable) and ``meta.json``
 as soon as an epoch improves, then ``history.csv``, ``curves.png`` and the
 resolved ``config.yaml``; the curves also go to
 ``reports/plots/train_<variant>.csv`` for ``dvc plots``. One MLflow run per
-execution with per-epoch metrics. Only ``train.method=vanilla`` exists yet.
+execution with per-epoch metrics.
+
+``train.method=vanilla``: the head on cached frozen features.
+``train.method=fbta``: end-to-end FBTA (fbta/e2e/); the folder also gets
+``translator.pt`` and ``extractor.pt`` (TFE*), and ``best.pt`` is the EMA head.
 """
 from __future__ import annotations
 
 import platform
 import time
+from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -53,8 +58,17 @@ def _head(cfg: DictConfig, in_dim: int, n_classes: int) -> tuple[MILHead, dict]:
         raise ConfigError(f"mil.* does not fit mil.arch={cfg.mil.arch}: {exc}") from None
 
 
-def run(cfg: DictConfig) -> int:
+EpochHook = Callable[[int, dict], None]
+
+
+def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
+    """Train and save; ``on_epoch(epoch, metrics)`` after every epoch (tuning: report / prune by raising)."""
     check_method_and_arch(cfg)
+    fbta = cfg.train.method == "fbta"
+    if fbta:
+        from fbta.e2e.build import check_fbta_config
+
+        check_fbta_config(cfg)
     t = cfg.train
     split, cohort = load_cohort(cfg)
     report = StageReport("train")
@@ -69,43 +83,53 @@ def run(cfg: DictConfig) -> int:
     device = resolve_device(t.device)
     seed_everything(t.seed, t.deterministic)
     head, mil_kwargs = _head(cfg, cohort.in_dim, len(cohort.classes))
-    train_ds = BagDataset(cohort.parts["train"], preload=t.preload)
     val_ds = BagDataset(cohort.parts["val"], preload=t.preload)
-    opts = FitOptions(epochs=t.epochs, patience=t.patience, lr=t.lr, weight_decay=t.weight_decay,
-                      ema_alpha=t.ema_alpha if t.ema else None, balanced=t.balanced, seed=t.seed,
-                      num_workers=0 if t.preload else t.num_workers, progress=cfg.run.progress)
     name = variant(cfg)
     meta = {
         "method": t.method, "variant": name, "arch": cfg.mil.arch, "mil_kwargs": mil_kwargs,
         "in_dim": cohort.in_dim, "n_classes": len(cohort.classes), "classes": cohort.classes,
         "positive_class": cohort.classes[1] if len(cohort.classes) == 2 else None,
-        "weights": "ema" if t.ema else "raw", "ema_alpha": t.ema_alpha if t.ema else None,
+        "weights": "ema" if t.ema or fbta else "raw",
+        "ema_alpha": cfg.fbta.ema_alpha if fbta else (t.ema_alpha if t.ema else None),
         "features": str(features_dir(cfg)), "split_source": split.source,
         "split": {p: [it.slide_id for it in items] for p, items in cohort.parts.items()},
         "seed": t.seed, "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
     }
+    if fbta:
+        fit_model, save_states = _fbta_fit(cfg, head, cohort, val_ds, device, meta)
+    else:
+        fit_model, save_states = _vanilla_fit(cfg, head, cohort, val_ds, device), None
     tags = {"fbta.method": t.method, "fbta.arch": cfg.mil.arch, "fbta.variant": name, "fbta.data_out": cfg.data.out}
     started = time.time()
     with stage_run(cfg, "train", f"train-{name}-{cfg.mil.arch}", tags) as mlrun:
         meta["mlflow_run_id"] = mlrun.run_id
 
-        def on_epoch(ep: Epoch, best_state: dict | None) -> None:
-            mlrun.log_metrics({k: v for k, v in ep.as_row().items() if k not in ("epoch", "best")}, step=ep.epoch)
-            if best_state is not None:
-                save_checkpoint(folder, best_state, {**meta, **_best(ep), "complete": False})
+        def save(states: dict, extra: dict) -> None:
+            if save_states is not None:  # FBTA: translator + TFE* first, then the EMA head and meta.json
+                save_states(folder, states)
+                states = states["mil"]
+            save_checkpoint(folder, states, {**meta, **extra})
 
-        result = fit(head, train_ds, val_ds, opts, device, on_epoch)
+        def after_epoch(ep: Epoch, best_state: dict | None) -> None:
+            row = {k: v for k, v in ep.as_row().items() if k not in ("epoch", "best")}
+            mlrun.log_metrics(row, step=ep.epoch)
+            if best_state is not None:
+                save(best_state, {**_best(ep), "complete": False})
+            if on_epoch is not None:
+                on_epoch(ep.epoch, row)
+
+        result = fit_model(after_epoch)
         rows = [e.as_row() for e in result.history]
         final = {**meta, **_best(result.best), "epochs_run": len(rows), "stopped_early": result.stopped_early,
                  "seconds": round(time.time() - started, 2), "complete": True}
-        save_checkpoint(folder, result.best_state, final)
+        save(result.best_state, {k: v for k, v in final.items() if k not in meta})
         write_csv(folder / "history.csv", rows)
         write_csv(out_dir(cfg, "reports", "plots") / f"train_{name}.csv", rows)
         save_curves(rows, folder / "curves.png", f"{name} {cfg.mil.arch}: best epoch {result.best_epoch}")
         save_config(cfg, folder / "config.yaml")
         mlrun.log_metrics({"best_epoch": result.best_epoch, "best_val_auc": result.best.val.auc,
                            "best_val_loss": result.best.val.loss, "epochs_run": len(rows)})
-        for f in ("best.pt", META, "history.csv", "curves.png", "config.yaml"):
+        for f in ("best.pt", META, "history.csv", "curves.png", "config.yaml", "translator.pt"):
             mlrun.log_artifact(folder / f, "model")
 
     for part, items in cohort.parts.items():
@@ -124,3 +148,34 @@ def run(cfg: DictConfig) -> int:
 
 def _best(ep: Epoch) -> dict[str, object]:
     return {"epoch": ep.epoch, **{k: round(v, 6) for k, v in ep.val.as_dict("val_").items()}}
+
+
+def _vanilla_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset, device: torch.device):
+    t = cfg.train
+    train_ds = BagDataset(cohort.parts["train"], preload=t.preload)
+    opts = FitOptions(epochs=t.epochs, patience=t.patience, lr=t.lr, weight_decay=t.weight_decay,
+                      ema_alpha=t.ema_alpha if t.ema else None, balanced=t.balanced, seed=t.seed,
+                      num_workers=0 if t.preload else t.num_workers, progress=cfg.run.progress)
+    return lambda hook: fit(head, train_ds, val_ds, opts, device, hook)
+
+
+def _fbta_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset, device: torch.device,
+              meta: dict):
+    """FBTA's models and data; adds the translator/extractor description to ``meta`` (in place)."""
+    from fbta.e2e.build import build_models, build_tfe, fbta_meta, options, pseudo_bags, save_fbta_states
+    from fbta.e2e.trainer import fit_fbta
+    from fbta.io.h5 import read_features
+
+    first = cohort.parts["train"][0]
+    weights = read_features(first.path)[2].get("weights")
+    tfe, units = build_tfe(cfg, cohort.in_dim, device, weights)
+    models = build_models(cfg, head, tfe)
+    train_ds = pseudo_bags(cfg, cohort.parts["train"])
+    meta.update(fbta_meta(cfg, models, units))
+    opts = options(cfg)
+    n_train = sum(p.numel() for p in tfe.parameters() if p.requires_grad)
+    print(f"train: FBTA C={cfg.cluster.n_clusters} M={cfg.fbta.m} K={cfg.fbta.k} sampling={cfg.fbta.sampling} "
+          f"views={'+'.join(cfg.fbta.views)}; TFE {tfe.name} "
+          f"{'trainable: ' + str(len(units)) + ' units, ' + f'{n_train:,}' + ' parameters' if units else 'frozen'}",
+          flush=True)
+    return (lambda hook: fit_fbta(models, train_ds, val_ds, cohort.classes, opts, device, hook)), save_fbta_states

@@ -1,0 +1,12 @@
+"""FBTA: end-to-end MIL on gigapixel slides on one GPU (METHODS.md A).
+
+Where things are:
+- ``pseudobags.py`` — per-epoch KMeans-stratified subsets, read ahead in workers;
+- ``augment.py`` — the end-to-end view's augmentation;
+- ``translator.py`` — the K-head residual translator f_T;
+- ``step.py`` — **the FBTA step**: three views, three losses, one backward;
+- ``trainer.py`` — epochs, EMA teachers, validation on the deployed path;
+- ``build.py`` — params.yaml → models, data and options;
+- ``classifier.py`` — the deployable (translator →) MIL classifier;
+- ``reextract.py`` — the expensive comparison: re-encode every patch with TFE*.
+"""

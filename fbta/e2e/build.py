@@ -1,0 +1,128 @@
+"""params.yaml → the FBTA models, pseudo-bag data and training options; model-folder files.
+
+Kept apart from the stage runner so that tuning, benchmarks and tests build
+exactly what ``fbta train train.method=fbta`` builds.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fbta.config import ConfigError
+from fbta.e2e.augment import Augment
+from fbta.e2e.pseudobags import SAMPLING, PseudoBags, SlideSource
+from fbta.e2e.step import VIEWS, FBTAModels, StepOptions
+from fbta.e2e.trainer import EMA_EVERY, FBTAOptions, prepare_tfe
+from fbta.e2e.translator import Translator, save_translator
+from fbta.features.registry import Extractor, create_extractor
+from fbta.io.atomic import atomic_path
+from fbta.mil.data import BagItem
+from fbta.mil.registry import MILHead
+from fbta.slides.cohort import CohortError, read_labels
+from fbta.stages.common import clusters_dir
+
+EXTRACTOR = "extractor.pt"
+
+
+def check_fbta_config(cfg: DictConfig) -> None:
+    """The fbta.* values that have a fixed set of choices; one line per mistake (exit 2)."""
+    f = cfg.fbta
+    bad = [v for v in f.views if v not in VIEWS]
+    if bad or not f.views:
+        raise ConfigError(f"fbta.views={list(f.views)}: choose a non-empty subset of {', '.join(VIEWS)}")
+    if f.sampling not in SAMPLING:
+        raise ConfigError(f"fbta.sampling='{f.sampling}' must be one of {', '.join(SAMPLING)}")
+    if f.ema_every not in EMA_EVERY:
+        raise ConfigError(f"fbta.ema_every='{f.ema_every}' must be one of {', '.join(EMA_EVERY)}")
+    if not 0.0 <= f.ema_alpha < 1.0:
+        raise ConfigError(f"fbta.ema_alpha={f.ema_alpha} must be in [0, 1)")
+    if f.m < 1 or f.k < 1:
+        raise ConfigError(f"fbta.m={f.m} and fbta.k={f.k} must be ≥ 1")
+
+
+def slide_sources(cfg: DictConfig, items: Sequence[BagItem]) -> list[SlideSource]:
+    """Each training slide's file (for patch pixels) and clusters (for the strata)."""
+    entries = read_labels(cfg.data.labels, cfg.data.slides)
+    folder = clusters_dir(cfg)
+    out = []
+    for it in items:
+        entry = entries[it.slide_id]
+        if not entry.path.exists():
+            raise CohortError(f"{entry.path}: slide file of '{it.slide_id}' not found; FBTA re-reads patches "
+                              "of the training slides (set data.slides)")
+        out.append(SlideSource(it, entry.path, folder / f"{it.slide_id}.h5", entry.mpp))
+    return out
+
+
+def pseudo_bags(cfg: DictConfig, items: Sequence[BagItem]) -> PseudoBags:
+    return PseudoBags(slide_sources(cfg, items), cfg.fbta.m, cfg.fbta.sampling, cfg.cluster.n_clusters)
+
+
+def build_tfe(cfg: DictConfig, in_dim: int, device: torch.device, features_weights: str | None) -> tuple[Extractor, list[str]]:
+    """The trainable extractor, initialised from the frozen one's weights; checked against the cached features."""
+    tfe = create_extractor(cfg.extract.model, weights=cfg.extract.weights, trainable=True, device=device)
+    if tfe.dim != in_dim:
+        raise ConfigError(f"extract.model={cfg.extract.model} gives {tfe.dim}-d features but the cached features "
+                          f"are {in_dim}-d: FBTA's extractor must be the one that made them")
+    if features_weights and features_weights != tfe.weights_id:
+        raise ConfigError(f"the cached features were made with weights {features_weights} but extract.weights "
+                          f"resolves to {tfe.weights_id}: re-run `fbta extract` or set extract.weights")
+    units = prepare_tfe(tfe, cfg.fbta.trainable_extractor, cfg.fbta.train_blocks, cfg.fbta.freeze_bn)
+    return tfe, units
+
+
+def build_models(cfg: DictConfig, head: MILHead, tfe: Extractor) -> FBTAModels:
+    f = cfg.fbta
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed + 7)  # translator init apart from the head's
+        translator = Translator(head.in_dim, f.k, f.hidden, f.layernorm)
+    return FBTAModels(head, translator, tfe)
+
+
+def options(cfg: DictConfig) -> FBTAOptions:
+    f, t = cfg.fbta, cfg.train
+    aug = Augment(**OmegaConf.to_container(f.augment, resolve=True))  # type: ignore[arg-type]
+    step = StepOptions(views=tuple(f.views), consistency=f.consistency, augment=aug, amp=f.amp)
+    return FBTAOptions(epochs=t.epochs, patience=t.patience, lr=t.lr, translator_lr=f.translator_lr,
+                       extractor_lr=f.extractor_lr, weight_decay=t.weight_decay, ema_alpha=f.ema_alpha,
+                       ema_every=f.ema_every, balanced=t.balanced, seed=t.seed, num_workers=f.num_workers,
+                       prefetch=f.prefetch, progress=cfg.run.progress, step=step)
+
+
+def fbta_meta(cfg: DictConfig, m: FBTAModels, units: list[str]) -> dict[str, Any]:
+    """What meta.json adds for an FBTA model: the translator's shape and the EMA extractor's identity."""
+    return {
+        "translator": m.translator.config(),
+        "extractor": {**m.tfe.describe(), "file": EXTRACTOR, "trained_units": units,
+                      "trainable": bool(cfg.fbta.trainable_extractor)},
+        "fbta": OmegaConf.to_container(cfg.fbta, resolve=True),
+        "n_clusters": cfg.cluster.n_clusters,
+    }
+
+
+def save_fbta_states(folder: Path, states: dict[str, dict[str, torch.Tensor]]) -> None:
+    """translator.pt and extractor.pt (TFE*), written before best.pt/meta.json so meta.json stays the 'complete' mark."""
+    save_translator(folder, None, states["translator"])  # type: ignore[arg-type]
+    with atomic_path(Path(folder) / EXTRACTOR, suffix=".pt") as tmp:
+        torch.save(states["extractor"], tmp)
+
+
+def load_ema_extractor(folder: Path, meta: dict[str, Any], device: torch.device) -> Extractor:
+    """TFE* of an FBTA model folder (for the re-extraction comparison), ``weights_only`` loading."""
+    from fbta.mil.checkpoint import CheckpointError
+
+    spec = meta.get("extractor")
+    if not spec:
+        raise CheckpointError(f"{folder}: not an FBTA model (meta.json has no extractor)")
+    tfe = create_extractor(spec["extractor"], weights="random", trainable=False, device=device)
+    path = Path(folder) / spec.get("file", EXTRACTOR)
+    try:
+        tfe.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: EMA extractor weights missing") from None
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: does not fit {spec['extractor']} ({str(exc).splitlines()[0]})") from None
+    return tfe.eval()

@@ -1,0 +1,143 @@
+"""One FBTA optimisation step on one slide: three views, three losses, one backward (METHODS.md A).
+
+    F_FB = cached frozen features of all N patches
+    F_SB = F_FB[idx]                       the pseudo-bag's frozen features
+    F_EB = TFE(aug(X_SB))                  end-to-end bag
+    h_k  = translator heads on F_SB        F_TB = mean_k h_k
+    L_dist = 1/K Σ_k ‖h_k − TFE*(X_SB)‖²   (X_SB not augmented)
+    L_cls  = Σ_v CE(MIL(F_v), y)
+    L_cons = Σ_v 1 − cos(softmax MIL(F_v), softmax MIL*(F_v))
+    L = L_dist + L_cls + (t/T)·L_cons
+
+``‖·‖²`` is averaged per feature element (MSE) — our choice, so that the
+term's scale depends on neither the feature size D nor C·M.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fbta.e2e.augment import Augment
+from fbta.e2e.pseudobags import PseudoBag
+from fbta.e2e.translator import Translator
+from fbta.features.registry import Extractor
+from fbta.mil.registry import MILHead
+
+VIEWS = ("fb", "eb", "tb")
+
+
+@dataclass
+class FBTAModels:
+    """The trained modules and their EMA teachers (``*`` in METHODS.md)."""
+
+    mil: MILHead
+    translator: Translator
+    tfe: Extractor
+    mil_ema: MILHead = field(init=False)
+    tfe_ema: Extractor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.mil_ema = frozen_copy(self.mil)
+        self.tfe_ema = frozen_copy(self.tfe)
+
+    def update_ema(self, alpha: float) -> None:
+        """``ema = α·ema + (1−α)·model`` for MIL* and TFE*, buffers included (integer buffers copied)."""
+        ema_update(self.mil_ema, self.mil, alpha)
+        ema_update(self.tfe_ema, self.tfe, alpha)
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    views: Sequence[str] = VIEWS  # which bags enter L_cls and L_cons
+    consistency: bool = True  # the EMA term L_cons
+    augment: Augment = Augment()
+    amp: bool = False  # autocast (CUDA only)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A gradient-free eval-mode copy (the EMA teacher starts equal to its student)."""
+    ema = copy.deepcopy(model)
+    if isinstance(ema, Extractor):
+        ema.set_trainable(False)
+    ema.requires_grad_(False)
+    return ema.eval()
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, alpha: float) -> None:
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"fbta.ema_alpha must be in [0, 1), got {alpha}")
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - alpha)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        if e.is_floating_point():
+            e.lerp_(b.detach(), 1.0 - alpha)
+        else:
+            e.copy_(b)
+
+
+def _sync(device: torch.device) -> float:
+    """A timestamp that includes queued GPU work (for the step-time split)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def fbta_step(m: FBTAModels, bag: PseudoBag, t_over_T: float, opts: StepOptions, device: torch.device,
+              gen: Optional[torch.Generator] = None) -> dict[str, float]:
+    """Forward the three views, compute the three losses and call ``backward`` once (no optimiser step here).
+
+    Returns the loss terms and where the time went (extractor, translator, MIL).
+    """
+    use_amp = opts.amp and device.type == "cuda"
+    y = bag.label.to(device).view(1)
+    t0 = _sync(device)
+    f_fb = bag.features.to(device, non_blocking=True)  # frozen bag F_FB (all N patches)
+    f_sb = f_fb[bag.idx.to(device)]  # the pseudo-bag's frozen features F_SB
+    x_sb = bag.pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)  # X_SB in [0, 1]
+    with torch.autocast(device.type, enabled=use_amp):
+        f_eb = m.tfe(m.tfe.preprocess(opts.augment(x_sb, gen))).float()  # end-to-end bag F_EB
+        with torch.no_grad():
+            target = m.tfe_ema(m.tfe_ema.preprocess(x_sb)).float()  # TFE*(X_SB), not augmented
+    t1 = _sync(device)
+    heads = m.translator.heads(f_sb)  # K×n×D
+    f_tb = heads.mean(0)  # translation bag F_TB
+    l_dist = (heads - target.unsqueeze(0)).pow(2).mean()
+    t2 = _sync(device)
+    bags = {"fb": f_fb, "eb": f_eb, "tb": f_tb}
+    l_cls = torch.zeros((), device=device)
+    l_cons = torch.zeros((), device=device)
+    first_pred = -1  # train accuracy: the first view's prediction
+    for v in opts.views:
+        logits = m.mil(bags[v]).logits.float()
+        if first_pred < 0:
+            first_pred = int(logits.detach().argmax(-1).item())
+        l_cls = l_cls + F.cross_entropy(logits, y)
+        if opts.consistency:
+            with torch.no_grad():
+                teacher = m.mil_ema(bags[v]).logits.float().softmax(-1)
+            l_cons = l_cons + (1.0 - F.cosine_similarity(logits.softmax(-1), teacher, dim=-1)).mean()
+    loss = l_dist + l_cls + t_over_T * l_cons
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"FBTA loss is {loss.item()} (L_dist {l_dist.item():.4g}, L_cls {l_cls.item():.4g}, "
+                                 f"L_cons {l_cons.item():.4g}); lower the learning rates")
+    t3 = _sync(device)
+    loss.backward()
+    t4 = _sync(device)
+    # backward time is shared out by the forward share of each part: a rough but honest split
+    fwd = max(t1 - t0, 1e-9) + max(t2 - t1, 1e-9) + max(t3 - t2, 1e-9)
+    back = t4 - t3
+    return {
+        "loss": loss.item(), "l_cls": l_cls.item(), "l_dist": l_dist.item(), "l_cons": l_cons.item(),
+        "correct": float(first_pred == int(y.item())),
+        "extractor_s": (t1 - t0) + back * (t1 - t0) / fwd,
+        "translator_s": (t2 - t1) + back * (t2 - t1) / fwd,
+        "mil_s": (t3 - t2) + back * (t3 - t2) / fwd,
+        "n_subset": float(bag.idx.numel()), "n_patches": float(f_fb.shape[0]),
+    }

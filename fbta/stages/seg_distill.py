@@ -1,0 +1,108 @@
+"""``fbta seg-distill``: IKD-MIL stage 2 — fusion-knowledge distillation → ``models/seg_student``.
+
+Reads the patch caches and the frozen teacher written by ``fbta seg-teacher``,
+distils (fusion KD + OEEM-weighted CE, role reversal on a schedule), keeps the
+student with the best validation F1, scores it on the test split
+(``segmentation.student.*`` in ``reports/metrics/seg_distill.json`` and
+``reports/metrics.json``), writes its pseudo-masks of the training patches and
+overlays of image, ground truth, teacher and student. One MLflow run.
+"""
+from __future__ import annotations
+
+import copy
+import platform
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from fbta.config import InputError, save_config
+from fbta.io.reports import publish_metrics
+from fbta.mil.train import seed_everything
+from fbta.seg.distill import DistillOptions, fit_distill
+from fbta.seg.model import META, WEIGHTS, load_segmenter, save_segmenter
+from fbta.seg.network import create_segnet
+from fbta.seg.overlays import pick_patches, save_overlays
+from fbta.seg.pipeline import check_config, describe, fit_options, metrics_entry, patch_sets, resolve_device, \
+    write_history, write_pseudo_masks
+from fbta.seg.train import evaluate
+from fbta.stages.common import out_dir
+from fbta.status import StageReport
+from fbta.tracking import stage_run
+
+
+def run(cfg: DictConfig) -> int:
+    check_config(cfg)
+    s, d = cfg.seg, cfg.seg.distill
+    report = StageReport("seg_distill")
+    sets, fp = patch_sets(cfg, report, build=False)
+    device = resolve_device(s.device)
+    teacher_dir = out_dir(cfg, "models", "seg_teacher")
+    seg_teacher = load_segmenter(teacher_dir, device)
+    if seg_teacher.meta.get("patches_fingerprint") != fp:
+        raise InputError(f"{teacher_dir}: the teacher was trained on other patches; re-run `fbta seg-teacher`")
+    if int(seg_teacher.meta.get("input_size") or 0) != int(s.input_size):
+        raise InputError(f"{teacher_dir}: teacher input_size {seg_teacher.meta.get('input_size')} ≠ seg.input_size "
+                         f"{s.input_size}; re-run `fbta seg-teacher`")
+    print(f"seg-distill: {describe(sets)}", flush=True)
+    opts = fit_options(cfg, "distill")
+    teacher = seg_teacher.net
+    teacher_val, _ = evaluate(teacher, sets["val"], opts, device)
+    teacher_test, teacher_probs = evaluate(teacher, sets["test"], opts, device)
+    seed_everything(opts.seed, s.deterministic)
+    if d.init == "teacher":
+        student, weights_id = copy.deepcopy(teacher), seg_teacher.meta.get("weights")
+    else:
+        student, weights_id = create_segnet(s.backbone, s.weights, s.out_indices, s.fusion, s.fusion_weights)
+    dopts = DistillOptions(d.kd, d.weighted_ce, d.ce_weight, d.role_reversal, d.reversal_start, d.reversal_every)
+    folder = out_dir(cfg, "models", "seg_student")
+    (folder / META).unlink(missing_ok=True)
+    meta = {"role": "student", "backbone": s.backbone, "weights": weights_id, "input_size": s.input_size,
+            "patch_size": int(sets["train"].images.shape[1]), "sigma": s.sigma, "threshold": s.threshold,
+            "kd": d.kd, "weighted_ce": d.weighted_ce, "role_reversal": d.role_reversal, "init": d.init,
+            "teacher": str(teacher_dir), "teacher_val_f1": round(teacher_val.f1, 6), "patches_fingerprint": fp,
+            "seed": opts.seed, "device": str(device), "torch": torch.__version__, "python": platform.python_version()}
+    started = time.time()
+    with stage_run(cfg, "seg_distill", "seg-distill", {"fbta.seg.role": "student", "fbta.seg.kd": d.kd}) as mlrun:
+        meta["mlflow_run_id"] = mlrun.run_id
+
+        def on_epoch(ep, improved: bool) -> None:  # noqa: ANN001
+            mlrun.log_metrics({k: v for k, v in ep.as_row().items() if k != "epoch"}, step=ep.epoch)
+
+        result = fit_distill(teacher, student, teacher_val.f1, sets["train"], sets["val"], opts, dopts, device, on_epoch)
+        student.load_state_dict(result.best_state)
+        test, test_probs = evaluate(student, sets["test"], opts, device)
+        reversals = result.extra["reversals"]
+        per_epoch = sum(e.as_row()["train_seconds"] for e in result.history) / len(result.history)
+        final = {**meta, "epoch": result.best_epoch, "val_f1": result.best.f1, "val_iou": result.best.iou,
+                 "test": test.as_dict(), "teacher_test": teacher_test.as_dict(), "reversals": reversals,
+                 "beat_teacher": result.extra["beat_teacher"], "epochs_run": len(result.history),
+                 "seconds_per_epoch": round(per_epoch, 2), "seconds": round(time.time() - started, 2), "complete": True}
+        save_segmenter(folder, student, final)
+        write_history(cfg, folder, "seg_distill", result.history)
+        save_config(cfg, folder / "config.yaml")
+        write_pseudo_masks(out_dir(cfg, "seg", "pseudo_masks") / "student_train.h5", student, sets["train"], opts,
+                           device, "seg_student")
+        ps = sets["test"]
+        pick = pick_patches(ps.labels, s.overlays, s.data_seed)
+        plots = save_overlays(out_dir(cfg, "reports", "plots", "segmentation", "student"), ps.images[pick],
+                              ps.masks[pick], {"teacher": teacher_probs[pick], "student": test_probs[pick]},
+                              [f"{ps.slide_ids[i]}_{ps.coords[i][0]}_{ps.coords[i][1]}" for i in pick],
+                              [f"{ps.slide_ids[i]} ({ps.coords[i][0]}, {ps.coords[i][1]}), tumour "
+                               f"{ps.fraction[i]:.0%}" for i in pick], s.sigma, s.threshold)
+        entry = metrics_entry(test, {"val_f1": round(result.best.f1, 6), "epoch": result.best_epoch,
+                                     "reversals": len(reversals), "beat_teacher": bool(result.extra["beat_teacher"]),
+                                     "teacher_val_f1": round(teacher_val.f1, 6), "kd": d.kd,
+                                     "weighted_ce": bool(d.weighted_ce), "role_reversal": bool(d.role_reversal),
+                                     "seconds_per_epoch": round(per_epoch, 2)})
+        publish_metrics(out_dir(cfg, "reports"), "seg_distill", {"segmentation": {"student": entry}})
+        mlrun.log_metrics({"best_epoch": result.best_epoch, "best_val_f1": result.best.f1,
+                           "reversals": len(reversals), **{f"test_{k}": v for k, v in test.as_dict().items()}})
+        for f in (WEIGHTS, META, "history.csv", "config.yaml"):
+            mlrun.log_artifact(folder / f, "model")
+        mlrun.log_artifact(plots[-1], "plots")
+    report.write(out_dir(cfg, "reports", "status") / "seg_distill.json")
+    print(f"seg-distill: best epoch {result.best_epoch} (val F1 {result.best.f1:.3f}, teacher {teacher_val.f1:.3f}); "
+          f"test F1 {test.f1:.3f} (teacher {teacher_test.f1:.3f}), IoU {test.iou:.3f} (teacher {teacher_test.iou:.3f}); "
+          f"{len(reversals)} role reversal(s); {per_epoch:.1f} s/epoch (training); model → {folder}", flush=True)
+    return report.exit_code(cfg.run.strict)

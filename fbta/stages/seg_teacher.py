@@ -1,0 +1,91 @@
+"""``fbta seg-teacher``: IKD-MIL stage 1 — the patch caches, then the MIL teacher → ``models/seg_teacher``.
+
+Builds ``seg/patches/{train,val,test}.h5`` (skipped when up to date), trains
+the side-output network from broadcast patch labels (best epoch by validation
+F1), scores it on the test split (``segmentation.teacher.*`` in
+``reports/metrics/seg_teacher.json`` and ``reports/metrics.json``), writes the
+teacher's pseudo-masks of the training patches and a few overlay PNGs. One
+MLflow run.
+"""
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from fbta.config import save_config
+from fbta.io.reports import publish_metrics
+from fbta.mil.train import seed_everything
+from fbta.seg.model import META, WEIGHTS, save_segmenter
+from fbta.seg.network import create_segnet
+from fbta.seg.overlays import pick_patches, save_overlays
+from fbta.seg.pipeline import check_config, describe, fit_options, metrics_entry, patch_sets, resolve_device, \
+    write_history, write_pseudo_masks
+from fbta.seg.train import evaluate, fit_teacher
+from fbta.stages.common import out_dir
+from fbta.status import StageReport
+from fbta.tracking import stage_run
+
+
+def run(cfg: DictConfig) -> int:
+    check_config(cfg)
+    s = cfg.seg
+    report = StageReport("seg_teacher")
+    sets, fp = patch_sets(cfg, report, build=True)
+    print(f"seg-teacher: {describe(sets)}", flush=True)
+    device = resolve_device(s.device)
+    opts = fit_options(cfg, "teacher")
+    seed_everything(opts.seed, s.deterministic)
+    net, weights_id = create_segnet(s.backbone, s.weights, s.out_indices, s.fusion, s.fusion_weights)
+    folder = out_dir(cfg, "models", "seg_teacher")
+    (folder / META).unlink(missing_ok=True)  # incomplete until this run's first best epoch
+    meta = {"role": "teacher", "backbone": s.backbone, "weights": weights_id, "input_size": s.input_size,
+            "patch_size": int(sets["train"].images.shape[1]), "sigma": s.sigma, "threshold": s.threshold,
+            "loss": s.teacher.loss, "patches_fingerprint": fp, "seed": opts.seed, "device": str(device),
+            "counts": {p: ps.counts() for p, ps in sets.items()}, "torch": torch.__version__,
+            "python": platform.python_version()}
+    started = time.time()
+    with stage_run(cfg, "seg_teacher", "seg-teacher", {"fbta.seg.role": "teacher"}) as mlrun:
+        meta["mlflow_run_id"] = mlrun.run_id
+
+        def on_epoch(ep, improved: bool) -> None:  # noqa: ANN001
+            mlrun.log_metrics({k: v for k, v in ep.as_row().items() if k != "epoch"}, step=ep.epoch)
+            if improved:
+                save_segmenter(folder, net, {**meta, "epoch": ep.epoch, "val_f1": ep.val.f1, "complete": False})
+
+        result = fit_teacher(net, sets["train"], sets["val"], opts, device, on_epoch)
+        net.load_state_dict(result.best_state)
+        test, test_probs = evaluate(net, sets["test"], opts, device)
+        per_epoch = sum(e.as_row()["train_seconds"] for e in result.history) / len(result.history)
+        final = {**meta, "epoch": result.best_epoch, "val_f1": result.best.f1, "val_iou": result.best.iou,
+                 "test": test.as_dict(), "epochs_run": len(result.history), "seconds_per_epoch": round(per_epoch, 2),
+                 "seconds": round(time.time() - started, 2), "complete": True}
+        save_segmenter(folder, net, final)
+        write_history(cfg, folder, "seg_teacher", result.history)
+        save_config(cfg, folder / "config.yaml")
+        write_pseudo_masks(out_dir(cfg, "seg", "pseudo_masks") / "teacher_train.h5", net, sets["train"], opts,
+                           device, "seg_teacher")
+        ps = sets["test"]
+        pick = pick_patches(ps.labels, s.overlays, s.data_seed)
+        plots = save_overlays(out_dir(cfg, "reports", "plots", "segmentation", "teacher"), ps.images[pick],
+                              ps.masks[pick], {"teacher": test_probs[pick]},
+                              [f"{ps.slide_ids[i]}_{ps.coords[i][0]}_{ps.coords[i][1]}" for i in pick],
+                              [f"{ps.slide_ids[i]} ({ps.coords[i][0]}, {ps.coords[i][1]}), tumour "
+                               f"{ps.fraction[i]:.0%}" for i in pick], s.sigma, s.threshold)
+        entry = metrics_entry(test, {"val_f1": round(result.best.f1, 6), "epoch": result.best_epoch,
+                                     "seconds_per_epoch": round(per_epoch, 2)})
+        publish_metrics(out_dir(cfg, "reports"), "seg_teacher", {"segmentation": {"teacher": entry}})
+        mlrun.log_metrics({"best_epoch": result.best_epoch, "best_val_f1": result.best.f1,
+                           **{f"test_{k}": v for k, v in test.as_dict().items()}})
+        for f in (WEIGHTS, META, "history.csv", "config.yaml"):
+            mlrun.log_artifact(folder / f, "model")
+        mlrun.log_artifact(plots[-1], "plots")
+    report.write(out_dir(cfg, "reports", "status") / "seg_teacher.json")
+    print(f"seg-teacher: best epoch {result.best_epoch} (val F1 {result.best.f1:.3f}); test F1 {test.f1:.3f}, "
+          f"IoU {test.iou:.3f}, Hausdorff {test.hausdorff:.1f} px; {per_epoch:.1f} s/epoch (training); "
+          f"model → {folder}", flush=True)
+    if report.count("failed"):
+        print(report.summary(), flush=True)
+    return report.exit_code(cfg.run.strict)

@@ -1,0 +1,213 @@
+"""Specification of FBTA's parts (METHODS.md A): translator, augmentation, pseudo-bags, the step, EMA.
+
+Small tensors and timm's tiny ``test_efficientnet``: every test runs in about a second.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from fbta.config import InputError
+from fbta.e2e.augment import Augment, hed_jitter, hue_shift
+from fbta.e2e.pseudobags import ClusterError, EpochPlan, PseudoBag, draw_subset, read_cluster_labels
+from fbta.e2e.step import FBTAModels, StepOptions, ema_update, fbta_step
+from fbta.e2e.trainer import extractor_units, prepare_tfe
+from fbta.e2e.translator import Translator
+from fbta.features.registry import create_extractor
+from fbta.mil import create_mil
+
+# ----------------------------------------------------------------------------- translator
+
+
+def test_untrained_translator_is_the_identity_so_fbta_starts_where_vanilla_mil_does() -> None:
+    x = torch.randn(50, 32)
+    t = Translator(32, k=10)
+    torch.testing.assert_close(t(x), x, rtol=0, atol=1e-6)
+    assert t.heads(x).shape == (10, 50, 32)
+
+
+def test_translation_bag_is_the_mean_of_k_residual_heads_in_instance_order() -> None:
+    torch.manual_seed(0)
+    t = Translator(16, k=4, hidden=8, layernorm=True)
+    for p in t.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(20, 16)
+    heads = t.heads(x)
+    for k in range(4):  # head k by hand: x + W2·GELU(W1·LN(x) + b1) + b2
+        z = torch.nn.functional.layer_norm(x, (16,)) * t.norm_weight[k] + t.norm_bias[k]
+        h = x + torch.nn.functional.gelu(z @ t.w1[k] + t.b1[k]) @ t.w2[k] + t.b2[k]
+        torch.testing.assert_close(heads[k], h)
+    torch.testing.assert_close(t(x), heads.mean(0))
+    perm = torch.randperm(20)
+    torch.testing.assert_close(t(x[perm]), t(x)[perm])  # instance-wise: order preserved
+
+
+def test_big_slides_are_translated_in_chunks_with_the_same_result() -> None:
+    t = Translator(8, k=3, hidden=4).eval()
+    torch.nn.init.normal_(t.w2)
+    x = torch.randn(3000, 8)
+    with torch.no_grad():
+        full = t.heads(x).mean(0)
+        chunked = t(x)  # 2**24 // (3·4) = 1.4 M rows per chunk: force small chunks via a huge hidden below
+    torch.testing.assert_close(chunked, full)
+    big = Translator(8, k=64, hidden=1 << 16).eval()  # chunk = 4 rows
+    with torch.no_grad():
+        torch.testing.assert_close(big(x[:10]), big.heads(x[:10]).mean(0))
+
+
+def test_translator_refuses_features_of_the_wrong_size() -> None:
+    with pytest.raises(ValueError, match="N×8"):
+        Translator(8)(torch.randn(5, 9))
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def test_augmentation_is_seeded_keeps_shape_and_range() -> None:
+    x = torch.rand(6, 3, 32, 32)
+    a = Augment()
+    y1 = a(x, torch.Generator().manual_seed(1))
+    y2 = a(x, torch.Generator().manual_seed(1))
+    assert torch.equal(y1, y2) and y1.shape == x.shape
+    assert y1.min() >= 0 and y1.max() <= 1
+    assert not torch.equal(y1, a(x, torch.Generator().manual_seed(2)))
+
+
+def test_geometric_augmentation_only_moves_pixels() -> None:
+    x = torch.rand(8, 3, 16, 16)
+    y = Augment(brightness=0, contrast=0, saturation=0, hue=0, hed_sigma=0)(x, torch.Generator().manual_seed(0))
+    for a, b in zip(x, y):
+        assert torch.equal(a.flatten().sort().values, b.flatten().sort().values)
+
+
+def test_colour_transforms_are_the_identity_at_zero_strength() -> None:
+    x = torch.rand(4, 3, 8, 8) * 0.9 + 0.05
+    torch.testing.assert_close(hue_shift(x, torch.zeros(4, 1, 1, 1)), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hed_jitter(x, 0.0), x, atol=1e-5, rtol=0)
+
+# ----------------------------------------------------------------------------- pseudo-bags
+
+
+def test_stratified_subset_takes_m_per_cluster_and_random_takes_as_many() -> None:
+    labels = np.array([0] * 50 + [1] * 3 + [2] * 1 + [3] * 20)
+    rng = np.random.default_rng(0)
+    idx = draw_subset(labels, 2, "kmeans", rng)
+    assert np.bincount(labels[idx], minlength=4).tolist() == [2, 2, 1, 2]  # a 1-patch cluster gives what it has
+    assert np.all(np.diff(idx) > 0)  # sorted, no repeats
+    rand = draw_subset(labels, 2, "random", np.random.default_rng(0))
+    assert len(rand) == len(idx) and len(set(rand.tolist())) == len(rand)
+    again = draw_subset(labels, 2, "kmeans", np.random.default_rng(0))
+    assert np.array_equal(idx, again)
+
+
+def test_epoch_plan_is_seeded_balanced_and_differs_between_epochs() -> None:
+    labels = np.array([0] * 18 + [1] * 2)
+    plan = EpochPlan(labels, seed=3)
+    e0 = list(plan)
+    assert e0 == list(plan)
+    plan.set_epoch(1)
+    assert list(plan) != e0
+    drawn = [labels[i] for ep in range(20) for i, _ in (plan.set_epoch(ep) or list(plan))]
+    assert 0.35 < np.mean(drawn) < 0.65  # the minority class is drawn about as often as the majority
+
+
+def _clusters(path: Path, labels: np.ndarray, asked: int) -> Path:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("labels", data=labels)
+        f.attrs["n_clusters_requested"] = asked
+        f.attrs["fbta_complete"] = True
+    return path
+
+
+def test_stale_or_missing_clusters_are_refused_with_the_file_and_the_fix(tmp_path: Path) -> None:
+    good = _clusters(tmp_path / "a.h5", np.arange(10) % 3, 3)
+    assert read_cluster_labels(good, 10, 3).tolist() == (np.arange(10) % 3).tolist()
+    with pytest.raises(ClusterError, match=r"C=3 but cluster.n_clusters=5.*fbta cluster"):
+        read_cluster_labels(good, 10, 5)
+    with pytest.raises(ClusterError, match="10 cluster labels for 12 patches"):
+        read_cluster_labels(good, 12, 3)
+    with pytest.raises(ClusterError, match="run `fbta cluster` first"):
+        read_cluster_labels(tmp_path / "missing.h5", 10, 3)
+    assert issubclass(ClusterError, InputError)  # → one line and exit code 2 from the CLI
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _models(views_dim: int = 32) -> FBTAModels:
+    torch.manual_seed(0)
+    tfe = create_extractor("test_efficientnet", weights="random")
+    prepare_tfe(tfe, trainable=True, train_blocks=2, freeze_bn=True)
+    head = create_mil("abmil", tfe.dim, 2, hidden=16, attn_dim=8)
+    return FBTAModels(head, Translator(tfe.dim, k=3), tfe)
+
+
+def _bag(m: FBTAModels, n: int, n_sub: int) -> PseudoBag:
+    """A pseudo-bag whose frozen features are the frozen extractor's, as in a real cache."""
+    pixels = torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        frozen = m.tfe_ema(m.tfe_ema.preprocess(pixels))
+    idx = torch.arange(0, n, n // n_sub)[:n_sub]
+    return PseudoBag(0, torch.tensor(1), frozen, idx, pixels[idx], 0.0)
+
+
+def test_one_step_gives_every_trained_part_a_gradient_and_l_dist_starts_at_zero() -> None:
+    m = _models()
+    units = dict(extractor_units(m.tfe.trunk))
+    stats = fbta_step(m, _bag(m, 40, 8), 0.5, StepOptions(), torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert stats["l_dist"] < 1e-10  # identity translator, TFE* = TFE = FFE on the non-augmented patches
+    assert stats["l_cls"] > 0 and stats["n_subset"] == 8 and stats["n_patches"] == 40
+    assert all(p.grad is not None for p in m.mil.parameters() if p.requires_grad)
+    assert m.translator.w2.grad is not None and m.translator.w2.grad.abs().sum() > 0  # via MIL(F_TB)
+    trained = [n for n, mod in units.items() if any(p.requires_grad for p in mod.parameters())]
+    assert trained == list(units)[-2:]  # train_blocks=2
+    assert all(p.grad is None for n, mod in units.items() if n not in trained for p in mod.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in units[trained[0]].parameters())
+    assert all(p.grad is None for p in m.tfe_ema.parameters()) and all(p.grad is None for p in m.mil_ema.parameters())
+
+
+def test_eb_only_view_leaves_the_translator_to_l_dist_alone() -> None:
+    m = _models()
+    bag = _bag(m, 30, 6)  # frozen features from the initial extractor
+    with torch.no_grad():  # let the teacher drift so that L_dist is not zero
+        for p in m.tfe_ema.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    stats = fbta_step(m, bag, 0.0, StepOptions(views=("eb",)), torch.device("cpu"))
+    assert stats["l_dist"] > 0
+    assert m.translator.w2.grad is not None  # L_dist reaches it
+    m.translator.zero_grad(set_to_none=True)
+    m.tfe_ema.load_state_dict(m.tfe.state_dict())
+    fbta_step(m, bag, 0.0, StepOptions(views=("eb",)), torch.device("cpu"))
+    assert m.translator.w2.grad.abs().max() < 1e-6  # no drift, no EB→translator path: nothing to learn
+
+
+def test_the_subset_not_the_slide_sets_the_extractor_work() -> None:
+    m = _models()
+    small = fbta_step(m, _bag(m, 40, 8), 0.0, StepOptions(), torch.device("cpu"))
+    big_bag = _bag(m, 40, 8)._replace(features=torch.randn(20000, m.tfe.dim))  # a 20,000-patch slide
+    big = fbta_step(m, big_bag, 0.0, StepOptions(), torch.device("cpu"))
+    assert small["n_subset"] == big["n_subset"] == 8 and big["n_patches"] == 20000
+
+
+def test_ema_is_alpha_old_plus_one_minus_alpha_new_buffers_included() -> None:
+    a, b = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        a.weight.fill_(1.0)
+        b.weight.fill_(3.0)
+        a.running_mean.fill_(0.0)
+        b.running_mean.fill_(10.0)
+        b.num_batches_tracked.fill_(7)
+    ema_update(a, b, 0.9)
+    torch.testing.assert_close(a.weight, torch.full((3,), 1.2))
+    torch.testing.assert_close(a.running_mean, torch.full((3,), 1.0))
+    assert a.num_batches_tracked.item() == 7
+    with pytest.raises(ValueError, match="ema_alpha"):
+        ema_update(a, b, 1.0)
+
+
+def test_a_frozen_extractor_gets_no_optimiser_group_and_no_gradient() -> None:
+    tfe = create_extractor("test_efficientnet", weights="random")
+    assert prepare_tfe(tfe, trainable=False, train_blocks=-1, freeze_bn=True) == []
+    assert not any(p.requires_grad for p in tfe.parameters()) and not tfe.training

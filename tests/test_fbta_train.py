@@ -1,0 +1,116 @@
+"""Specification of `fbta train train.method=fbta` and `fbta infer` on a small real cohort.
+
+Real Aperio-style slides (``fbta synth``), real tiling, real features from
+timm's tiny ``test_efficientnet``, real KMeans, real patch reads in a worker
+process: the whole FBTA path, just small.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fbta.cli import main
+from fbta.e2e.classifier import load_classifier
+from fbta.features.registry import create_extractor
+from fbta.io.h5 import read_features
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ["--params", str(ROOT / "params.yaml")]
+TINY = ["extract.model=test_efficientnet", "extract.weights=random", "extract.num_workers=0", "cluster.n_clusters=4",
+        "mil.kwargs.hidden=32", "mil.kwargs.attn_dim=16", "train.device=cpu", "fbta.train_blocks=2", "fbta.k=3",
+        "fbta.num_workers=1", "infer.num_workers=0", "infer.batch_size=16"]
+
+
+def fbta(*args: str) -> int:
+    return main([*args, *PARAMS])
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> tuple[Path, list[str]]:
+    """8 slides (4/4; train 4, val 2, test 2) tiled, extracted and clustered once for the module."""
+    d = tmp_path_factory.mktemp("fbta")
+    ov = [f"data.slides={d}/slides", f"data.labels={d}/labels.csv", f"data.masks={d}/masks", f"data.out={d}/out",
+          "run.progress=false", "tracking.enabled=false", *TINY]
+    assert fbta("synth", *ov, "synth.n_slides=8", "synth.width=1280", "synth.height=1280") == 0
+    for stage in ("tile", "extract", "cluster"):
+        assert fbta(stage, *ov) == 0
+    return d, ov
+
+
+@pytest.fixture
+def trained(cohort, tmp_path: Path) -> tuple[Path, list[str]]:
+    d, ov = cohort
+    out = tmp_path / "out"
+    shutil.copytree(d / "out", out)
+    ov = [o for o in ov if not o.startswith("data.out=")] + [f"data.out={out}"]
+    assert fbta("train", *ov, "train.method=fbta", "train.epochs=3", "train.patience=3") == 0
+    return out, ov
+
+
+def test_fbta_training_writes_the_deployable_model_and_its_history(trained) -> None:
+    out, _ = trained
+    folder = out / "models" / "fbta_abmil"
+    assert {"best.pt", "translator.pt", "extractor.pt", "meta.json", "history.csv"} <= {p.name for p in folder.iterdir()}
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["complete"] and meta["method"] == "fbta" and meta["weights"] == "ema"
+    assert meta["translator"] == {"dim": 256, "k": 3, "hidden": 256, "layernorm": False}
+    assert meta["extractor"]["trained_units"] == ["conv_head", "bn2"] and meta["n_clusters"] == 4
+    header = (folder / "history.csv").read_text().splitlines()[0].split(",")
+    for col in ("l_cls", "l_dist", "l_cons", "extractor_s", "translator_s", "mil_s", "sampling_s", "n_subset"):
+        assert col in header
+    model = load_classifier(folder)
+    feats, _, _ = read_features(next((out / "features" / "test_efficientnet" / "h5_files").glob("*.h5")))
+    p = model.predict_proba(feats)
+    assert p.shape == (2,) and abs(p.sum() - 1) < 1e-5
+
+
+def test_the_ema_extractor_moved_only_in_its_trained_units(trained) -> None:
+    out, _ = trained
+    tfe_star = torch.load(out / "models" / "fbta_abmil" / "extractor.pt", weights_only=True)
+    start = create_extractor("test_efficientnet", weights="random").state_dict()
+    moved = {k.split(".")[1] for k, v in tfe_star.items() if v.is_floating_point() and not torch.equal(v, start[k])}
+    assert moved and moved <= {"conv_head", "bn2"}
+
+
+def test_infer_scores_the_translator_path_and_the_reextraction_it_replaces(trained) -> None:
+    out, ov = trained
+    assert fbta("infer", *ov, "train.method=fbta") == 0
+    m = json.loads((out / "reports" / "metrics.json").read_text())["classification"]
+    assert {"fbta", "fbta_reextract"} <= set(m)
+    assert m["fbta"]["n"] == m["fbta_reextract"]["n"] == 2
+    assert 0.0 <= m["fbta_reextract"]["agreement"] <= 1.0 and m["fbta_reextract"]["speedup_translator"] > 1
+    frag = json.loads((out / "reports" / "metrics" / "infer_fbta.json").read_text())
+    assert frag["classification"]["fbta"] == m["fbta"]
+
+
+def test_frozen_extractor_ablation_keeps_the_extractor_as_it_was(cohort, tmp_path: Path) -> None:
+    d, ov = cohort
+    shutil.copytree(d / "out", tmp_path / "out")
+    ov = [o for o in ov if not o.startswith("data.out=")] + [f"data.out={tmp_path}/out"]
+    assert fbta("train", *ov, "train.method=fbta", "fbta.trainable_extractor=false", "train.epochs=1") == 0
+    tfe_star = torch.load(tmp_path / "out/models/fbta_abmil/extractor.pt", weights_only=True)
+    start = create_extractor("test_efficientnet", weights="random").state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in tfe_star.items())
+
+
+def test_fbta_without_clusters_or_with_another_c_stops_before_training(cohort, tmp_path: Path, capsys) -> None:
+    d, ov = cohort
+    shutil.copytree(d / "out", tmp_path / "out")
+    ov = [o for o in ov if not o.startswith("data.out=")] + [f"data.out={tmp_path}/out"]
+    assert fbta("train", *ov, "train.method=fbta", "cluster.n_clusters=6") == 2
+    assert "but cluster.n_clusters=6" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "out" / "clusters")
+    assert fbta("train", *ov, "train.method=fbta") == 2
+    assert "run `fbta cluster` first" in capsys.readouterr().err
+
+
+def test_bad_fbta_choices_are_one_line_errors(cohort, capsys) -> None:
+    _, ov = cohort
+    assert fbta("train", *ov, "train.method=fbta", "fbta.views=[eb,xb]") == 2
+    assert "fbta.views" in capsys.readouterr().err
+    assert fbta("infer", *ov, "train.method=vanilla") == 2
+    assert "set train.method=fbta" in capsys.readouterr().err

@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv test test-slow demo lock clean-data serve flow-run
+.PHONY: help venv test test-slow demo lock clean-data serve flow-run dashboard mlflow-ui
 
 help:
 	@echo "make demo       build .venv, make the demo cohort, run the pipeline (dvc repro), print results"
@@ -24,6 +24,8 @@ help:
 	@echo "make lock       re-resolve requirements.lock from pyproject.toml"
 	@echo "make serve      Prefect server on 127.0.0.1:$(PREFECT_PORT) + the process serving prefect.yaml's deployments"
 	@echo "make flow-run   (another shell, while serve runs) prefect deployment run 'fbta-pipeline/local' --watch"
+	@echo "make dashboard  optuna-dashboard on sqlite:///optuna.db (fbta tune studies), 127.0.0.1:$(DASHBOARD_PORT)"
+	@echo "make mlflow-ui  MLflow UI on sqlite:///mlflow.db (runs, registry aliases), 127.0.0.1:$(MLFLOW_PORT)"
 
 venv: $(STAMP)
 
@@ -61,6 +63,16 @@ serve: venv
 flow-run: venv
 	PREFECT_HOME=$(CURDIR)/.prefect PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
 	  $(BIN)/prefect deployment run 'fbta-pipeline/local' --watch
+
+# Optuna studies and the MLflow store/registry, browsed locally (never the same SQLite file).
+DASHBOARD_PORT ?= 8080
+MLFLOW_PORT ?= 5000
+dashboard: venv
+	$(BIN)/optuna-dashboard sqlite:///optuna.db --host 127.0.0.1 --port $(DASHBOARD_PORT)
+
+mlflow-ui: venv
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root $(CURDIR)/mlruns \
+	  --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean-data:
 	rm -rf data/slides data/masks data/labels.csv data/coords data/reports

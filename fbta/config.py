@@ -113,7 +113,7 @@ class MILCfg:
 class TrainCfg:
     """Slide-level training (``fbta train``), one slide per step; defaults sized for a GPU run."""
 
-    method: str = "vanilla"  # vanilla (frozen features → MIL) | fbta (issue #5)
+    method: str = "vanilla"  # vanilla (frozen features → MIL) | fbta (end-to-end, METHODS.md A)
     epochs: int = 200
     patience: int = 20  # stop after this many epochs without a better validation AUC
     lr: float = 2e-4
@@ -151,11 +151,12 @@ class AugmentCfg:
 class FBTACfg:
     """FBTA end-to-end training (``fbta train train.method=fbta``), METHODS.md A; C is ``cluster.n_clusters``."""
 
+    epochs: Optional[int] = None  # FBTA epochs (each costs C·M extractor passes per slide); None: train.epochs
     m: int = 1  # M: instances drawn per cluster per epoch (paper: 1 or 2); memory grows with C·M, not N
     sampling: str = "kmeans"  # kmeans (stratified over cached clusters) | random (same C·M, the ablation)
     views: List[str] = field(default_factory=lambda: ["fb", "eb", "tb"])  # bags in L_cls/L_cons: fb, eb, tb
     k: int = 10  # K translator heads
-    hidden: int = 0  # translator hidden width; 0: the feature dimension
+    hidden: int = 256  # translator hidden width (a bottleneck keeps K heads small: 10×2×D×256 weights); 0: D
     layernorm: bool = False  # LayerNorm before each translator head's MLP
     trainable_extractor: bool = True  # false: the TFE stays frozen (the paper's "freeze TFE" ablation)
     train_blocks: int = -1  # -1: train the whole TFE; n: only its last n blocks (cheap CPU demos)
@@ -315,6 +316,7 @@ class FlowsCfg:
 
     per_slide: List[str] = field(default_factory=lambda: ["tile", "extract", "cluster"])  # stages fanned out per slide
     slide_concurrency: int = 2  # per-slide tasks at once (the local task runner's thread count)
+    slides_per_task: int = 1  # >1: each task takes this many slides (amortises the stage's start-up on small slides)
     retries: int = 2  # retries of a per-slide task (slide reads are the flaky part)
     retry_delay_s: float = 5.0
     stage_retries: int = 0  # retries of a whole (non per-slide) stage

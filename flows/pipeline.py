@@ -8,9 +8,10 @@ How a stage runs — DVC stays the owner of the data DAG:
 - an ordinary stage is one task, ``dvc repro --single-item <stage>``: DVC
   decides whether it is stale, runs its ``cmd`` from dvc.yaml and records it;
 - a per-slide stage (``flows.per_slide``: tile, extract, cluster) that DVC finds
-  stale is fanned out: one task per slide runs the stage's own ``cmd`` with
-  ``run.slides=[<id>] run.strict=true`` (retried, at most
-  ``flows.slide_concurrency`` at once), then the stage's ``cmd`` runs once over
+  stale is fanned out: one task per slide (or per ``flows.slides_per_task``
+  slides) runs the stage's own ``cmd`` with ``run.slides=[<id>] run.strict=true``
+  (retried, at most ``flows.slide_concurrency`` at once; the task runner is
+  ``flows.task_runner``), then the stage's ``cmd`` runs once over
   the cohort — every slide is now up to date, so it only writes the stage's
   status report — and ``dvc commit`` records the outputs in dvc.lock and the
   cache, so ``dvc status`` is clean afterwards exactly as after ``dvc repro``.
@@ -19,6 +20,8 @@ artifact), not fatal, unless ``run.strict`` is true in params.yaml.
 """
 from __future__ import annotations
 
+import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -48,12 +51,14 @@ def repro_stage(project: str, stage: str) -> str:
     return "up to date" if f"Stage '{stage}' didn't change" in out else "ran"
 
 
-@task(name="slide", task_run_name="{stage}:{slide_id}")
-def slide_task(project: str, stage: str, cmd: str, slide_id: str) -> str:
-    """The stage's own command restricted to one slide; strict, so a failed slide fails (and retries) the task."""
-    out = sh(f"{cmd} run.slides=[{slide_id}] run.strict=true run.progress=false", Path(project))
+@task(name="slide", task_run_name="{stage}:{label}")
+def slide_task(project: str, stage: str, cmd: str, slides: list[str], label: str) -> list[str]:
+    """The stage's own command restricted to these slides; strict, so a failed slide fails — and
+    retries — the task, while the slides it already finished are skipped by the stage on the retry."""
+    subset = "run.slides=[" + ",".join(f"'{s}'" for s in slides) + "]"  # quoted: ids like 001 stay strings
+    out = sh(f"{cmd} {shlex.quote(subset)} run.strict=true run.progress=false", Path(project))
     get_run_logger().info("%s", _tail(out, 5))
-    return slide_id
+    return slides
 
 
 @task(name="record-stage", task_run_name="record:{stage}")
@@ -92,16 +97,20 @@ def make_task_runner(flows_cfg: Any) -> Any:
 
 
 @flow(name="fbta-per-slide", flow_run_name="{stage}")
-def per_slide_flow(project: str, stage: str, cmd: str, ids: list[str], retries: int = 2,
-                   retry_delay_s: float = 5.0) -> dict[str, list[str]]:
+def per_slide_flow(project: str, stage: str, cmd: str, ids: list[str], status_file: str, retries: int = 2,
+                   retry_delay_s: float = 5.0, slides_per_task: int = 1) -> dict[str, list[str]]:
     """Map the stage over slides (bounded by the task runner), then record it; failed slides are returned."""
     logger = get_run_logger()
     one = slide_task.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
-    futures = one.map(project, stage, cmd, ids)
-    done, failed = [], []
-    for sid, fut in zip(ids, futures):
+    n = max(1, int(slides_per_task))
+    groups = [ids[i:i + n] for i in range(0, len(ids), n)]
+    labels = [g[0] if len(g) == 1 else f"{g[0]}..{g[-1]}" for g in groups]
+    futures = one.map(project, stage, cmd, groups, labels)
+    for fut in futures:
         fut.wait()
-        (done if fut.state.is_completed() else failed).append(sid)
+    record_stage(project, stage, cmd)
+    failed = _failed_slides(Path(status_file))  # per slide, from the stage's own report (groups may mix)
+    done = [s for s in ids if s not in failed]
     if failed:
         logger.warning("%s: %d slide(s) failed after %d retries: %s", stage, len(failed), retries, ", ".join(failed))
         create_markdown_artifact(
@@ -110,8 +119,14 @@ def per_slide_flow(project: str, stage: str, cmd: str, ids: list[str], retries: 
             + "\n\nReasons: the task logs, and `reports/status/" + f"{stage}.json` under data.out.",
             description=f"{stage}: slides that failed after retries",
         )
-    record_stage(project, stage, cmd)
     return {"done": done, "failed": failed}
+
+
+def _failed_slides(status_file: Path) -> list[str]:
+    try:
+        return [s["slide_id"] for s in json.loads(status_file.read_text())["slides"] if s["status"] == "failed"]
+    except (OSError, ValueError, KeyError):
+        return []
 
 
 @flow(name="fbta-pipeline", log_prints=True)
@@ -140,7 +155,9 @@ def pipeline_flow(project: str = str(DEFAULT_PROJECT), targets: Optional[list[st
         else:
             ids = slide_ids(root, st.name)
             sub = per_slide_flow.with_options(task_runner=runner)
-            outcome = sub(str(root), st.name, st.cmd, ids, cfg.flows.retries, cfg.flows.retry_delay_s)
+            status_file = root / cfg.data.out / "reports" / "status" / f"{st.name}.json"
+            outcome = sub(str(root), st.name, st.cmd, ids, str(status_file), cfg.flows.retries,
+                          cfg.flows.retry_delay_s, cfg.flows.slides_per_task)
             results[st.name] = f"{len(outcome['done'])} slides done, {len(outcome['failed'])} failed" + (
                 f" ({', '.join(outcome['failed'])})" if outcome["failed"] else "")
         logger.info("%s: %s", st.name, results[st.name])

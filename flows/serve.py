@@ -76,16 +76,47 @@ def deployments(prefect_yaml: Path = ROOT / "prefect.yaml") -> list[Any]:
     return out
 
 
+def run_runner() -> int:
+    """The polling process itself (a child of main): serve every deployment until interrupted."""
+    from prefect import serve  # after PREFECT_API_URL is set: settings are read at import
+
+    deps = deployments()
+    if not deps:
+        print("serve: no deployments to serve", file=sys.stderr)
+        return 2
+    serve(*deps, print_starting_message=True)
+    return 0
+
+
+def stop(proc: Optional[subprocess.Popen], sig: int, grace_s: float) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    """Supervise server and runner as children, so Ctrl-C / SIGTERM stops both, runner first.
+
+    Why children: the runner pauses its deployments through the API when it
+    stops, so the server must outlive it; and Prefect's runner replaces the
+    SIGTERM handler of whatever process calls ``serve()``.
+    """
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=4200)
     ap.add_argument("--no-server", action="store_true", help="use the server at $PREFECT_API_URL")
+    ap.add_argument("--runner-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     offline_env(ROOT / ".prefect")
+    if args.runner_only:
+        return run_runner()
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-    server = None
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally below on `kill`
+    server = runner = None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill <pid>`: run the finally below
     try:
         if not args.no_server:
             os.environ["PREFECT_API_URL"] = f"http://{args.host}:{args.port}/api"
@@ -96,23 +127,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         wait_healthy(os.environ["PREFECT_API_URL"], proc=server)
         print(f"serve: Prefect API {os.environ['PREFECT_API_URL']} (UI: {os.environ['PREFECT_API_URL'][:-4]})",
               flush=True)
-        from prefect import serve  # after PREFECT_API_URL is set: settings are read at import
-
-        deps = deployments()
-        if not deps:
-            print("serve: no deployments to serve", file=sys.stderr)
-            return 2
-        serve(*deps, print_starting_message=True)
-        return 0
+        runner = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--runner-only"], cwd=ROOT)
+        return runner.wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        if server is not None and server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop(runner, signal.SIGTERM, 5)  # its own handler pauses the deployments; it need not exit cleanly
+        stop(server, signal.SIGTERM, 20)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from fbta.io.h5 import read_features
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ["--params", str(ROOT / "params.yaml")]
 TINY = ["extract.model=test_efficientnet", "extract.weights=random", "extract.num_workers=0", "cluster.n_clusters=4",
-        "mil.kwargs.hidden=32", "mil.kwargs.attn_dim=16", "train.device=cpu", "fbta.train_blocks=2", "fbta.k=3",
+        "mil.kwargs.hidden=32", "mil.kwargs.attn_dim=16", "train.device=cpu", "fbta.train_blocks=2", "fbta.k=3", "fbta.hidden=64",
         "fbta.num_workers=1", "infer.num_workers=0", "infer.batch_size=16"]
 
 
@@ -41,13 +41,14 @@ def cohort(tmp_path_factory) -> tuple[Path, list[str]]:
     return d, ov
 
 
-@pytest.fixture
-def trained(cohort, tmp_path: Path) -> tuple[Path, list[str]]:
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory) -> tuple[Path, list[str]]:
+    """An FBTA ABMIL trained for 2 epochs on a copy of the cohort (shared: copy before writing)."""
     d, ov = cohort
-    out = tmp_path / "out"
+    out = tmp_path_factory.mktemp("trained") / "out"
     shutil.copytree(d / "out", out)
     ov = [o for o in ov if not o.startswith("data.out=")] + [f"data.out={out}"]
-    assert fbta("train", *ov, "train.method=fbta", "train.epochs=3", "train.patience=3") == 0
+    assert fbta("train", *ov, "train.method=fbta", "fbta.epochs=2", "train.patience=2") == 0
     return out, ov
 
 
@@ -57,7 +58,7 @@ def test_fbta_training_writes_the_deployable_model_and_its_history(trained) -> N
     assert {"best.pt", "translator.pt", "extractor.pt", "meta.json", "history.csv"} <= {p.name for p in folder.iterdir()}
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["complete"] and meta["method"] == "fbta" and meta["weights"] == "ema"
-    assert meta["translator"] == {"dim": 256, "k": 3, "hidden": 256, "layernorm": False}
+    assert meta["translator"] == {"dim": 256, "k": 3, "hidden": 64, "layernorm": False}
     assert meta["extractor"]["trained_units"] == ["conv_head", "bn2"] and meta["n_clusters"] == 4
     header = (folder / "history.csv").read_text().splitlines()[0].split(",")
     for col in ("l_cls", "l_dist", "l_cons", "extractor_s", "translator_s", "mil_s", "sampling_s", "n_subset"):
@@ -76,8 +77,11 @@ def test_the_ema_extractor_moved_only_in_its_trained_units(trained) -> None:
     assert moved and moved <= {"conv_head", "bn2"}
 
 
-def test_infer_scores_the_translator_path_and_the_reextraction_it_replaces(trained) -> None:
-    out, ov = trained
+def test_infer_scores_the_translator_path_and_the_reextraction_it_replaces(trained, tmp_path: Path) -> None:
+    src, ov = trained
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    ov = [o for o in ov if not o.startswith("data.out=")] + [f"data.out={out}"]
     assert fbta("infer", *ov, "train.method=fbta") == 0
     m = json.loads((out / "reports" / "metrics.json").read_text())["classification"]
     assert {"fbta", "fbta_reextract"} <= set(m)
@@ -91,7 +95,7 @@ def test_frozen_extractor_ablation_keeps_the_extractor_as_it_was(cohort, tmp_pat
     d, ov = cohort
     shutil.copytree(d / "out", tmp_path / "out")
     ov = [o for o in ov if not o.startswith("data.out=")] + [f"data.out={tmp_path}/out"]
-    assert fbta("train", *ov, "train.method=fbta", "fbta.trainable_extractor=false", "train.epochs=1") == 0
+    assert fbta("train", *ov, "train.method=fbta", "fbta.trainable_extractor=false", "fbta.epochs=1") == 0
     tfe_star = torch.load(tmp_path / "out/models/fbta_abmil/extractor.pt", weights_only=True)
     start = create_extractor("test_efficientnet", weights="random").state_dict()
     assert all(torch.equal(v, start[k]) for k, v in tfe_star.items())

@@ -98,28 +98,32 @@ def _sh(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float
 
 
 def users_project(dest: Path) -> Path:
-    """The user's day: their slide folder under `dvc add`, labels.csv, and this repo's `tile` stage."""
+    """The user's day (README): their cohort under `dvc add`, params.yaml pointing at it, synth removed."""
     dest.mkdir(parents=True)
     shutil.copytree(ROOT / "fbta", dest / "fbta", ignore=shutil.ignore_patterns("__pycache__"))
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"tile": stages["tile"]}}, sort_keys=False))
+    shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(slides="cohorts/x/slides", labels="cohorts/x/labels.csv", masks="cohorts/x/masks")
     params["run"]["progress"] = False
-    params["flows"].update(retries=1, retry_delay_s=0.0, slide_concurrency=2)
+    params["flows"].update(retries=1, retry_delay_s=0.0, slide_concurrency=3, slides_per_task=1)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    slides = dest / "data" / "slides"
-    slides.mkdir(parents=True)
+    cohort = dest / "cohorts" / "x"
+    (cohort / "slides").mkdir(parents=True)
+    (cohort / "masks").mkdir()
+    (cohort / "masks" / ".gitkeep").touch()  # no annotations: heatmap's localisation is skipped
     for i in range(2):  # plain images without MPP metadata: labels.csv gives it
-        Image.fromarray(pink_on_white(1536, 1024, (256, 256, 1280, 768), seed=i)).save(slides / f"biopsy_{i}.png")
-    (slides / "broken.svs").write_bytes(b"II*\x00" + os.urandom(4096))  # a corrupt slide: reported, not fatal
-    (dest / "data" / "labels.csv").write_text(
-        "slide_id,label,mpp\nbiopsy_0,tumour,0.5\nbiopsy_1,normal,0.5\nbroken,normal,0.5\n")
+        Image.fromarray(pink_on_white(1536, 1024, (256, 256, 1280, 768), seed=i)).save(
+            cohort / "slides" / f"biopsy_{i}.png")
+    (cohort / "slides" / "broken.svs").write_bytes(b"II*\x00" + os.urandom(4096))  # corrupt: reported, not fatal
+    (cohort / "labels.csv").write_text("slide_id,label,mpp\nbiopsy_0,tumour,0.5\nbiopsy_1,normal,0.5\nbroken,normal,0.5\n")
     (dest / ".gitignore").write_text("__pycache__/\n")
+    dvc = str(BIN / "dvc")
     _sh(dest, "git", "init", "-q")
-    _sh(dest, str(BIN / "dvc"), "init", "-q")
-    _sh(dest, str(BIN / "dvc"), "config", "core.analytics", "false")
-    _sh(dest, str(BIN / "dvc"), "config", "cache.type", "hardlink,symlink")
-    _sh(dest, str(BIN / "dvc"), "add", "data/slides")
+    _sh(dest, dvc, "init", "-q")
+    _sh(dest, dvc, "config", "core.analytics", "false")
+    _sh(dest, dvc, "config", "cache.type", "hardlink,symlink")
+    _sh(dest, dvc, "remove", "synth")
+    _sh(dest, dvc, "add", "cohorts/x/slides", "cohorts/x/masks", "cohorts/x/labels.csv")
     return dest
 
 
@@ -156,9 +160,9 @@ def test_deployment_run_on_a_local_server_completes_with_per_slide_fanout(tmp_pa
         good = _task_runs(api, "tile:biopsy_0")
         assert good and good[0]["state_type"] == "COMPLETED"
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
+        serve.terminate()  # serve.py stops its runner, then its server
         try:
-            serve.wait(timeout=30)
+            serve.wait(timeout=40)
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait()
@@ -166,5 +170,6 @@ def test_deployment_run_on_a_local_server_completes_with_per_slide_fanout(tmp_pa
     status = json.loads((proj / "data/reports/status/tile.json").read_text())
     assert status["counts"]["failed"] == 1 and status["counts"]["done"] + status["counts"]["skipped"] == 2
     assert sorted(p.stem for p in (proj / "data/coords").glob("*.h5")) == ["biopsy_0", "biopsy_1"]
-    assert "Data and pipelines are up to date" in _sh(proj, str(BIN / "dvc"), "status")  # recorded like dvc repro
+    status = _sh(proj, str(BIN / "dvc"), "status", "tile", "cohorts/x/slides.dvc")
+    assert "Data and pipelines are up to date" in status, status  # recorded like dvc repro
     assert "tile" in yaml.safe_load((proj / "dvc.lock").read_text())["stages"]

@@ -198,7 +198,7 @@ def test_mlflow_run_has_the_config_as_params_and_metrics_per_epoch(tmp_path: Pat
 
 @pytest.mark.parametrize("override, message", [
     ("mil.arch=nope", "mil.arch='nope' is not a MIL head"),
-    ("train.method=fbta", "not implemented yet — see issue #5"),
+    ("train.method=fbta", "FBTA's extractor must be the one that made them"),
     ("train.method=other", "train.method='other' is not one of"),
     ("mil.kwargs.bogus=1", "mil.* does not fit mil.arch=abmil"),
 ])

@@ -135,3 +135,21 @@ def test_nothing_to_tune_or_a_shared_sqlite_file_is_one_clear_error(tuned, capsy
     assert "same SQLite file" in capsys.readouterr().err
     assert fbta("tune", *ov, "tune.k=[0,5]", "train.method=fbta") == 2
     assert "tune.k=[0, 5]: choices must be positive integers" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # starts Prefect's ephemeral API server
+def test_tune_flow_continues_the_study_and_proposes_the_best_model_for_champion(tuned, tmp_path, monkeypatch) -> None:
+    root, ov = tuned
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    sys.path.insert(0, str(ROOT / "flows"))
+    from prefect.testing.utilities import prefect_test_harness
+    from tune import tune_flow
+
+    with prefect_test_harness(server_startup_timeout=120):  # a busy 2-core box starts it slowly
+        result = tune_flow(params=PARAMS[1], overrides=[*ov, "tune.n_trials=3", "register.models=[classifier]"])
+    assert result["tune"]["best_trial"] == 0 and result["tune"]["trials"]["COMPLETE"] >= 1
+    reg = result["registry"]
+    assert reg["decision"] == "promoted" and reg["folder"].endswith("trial_0000/models/vanilla_abmil")
+    mv = MlflowClient(f"sqlite:///{root}/mlflow.db").get_model_version_by_alias("fbta-classifier", "champion")
+    assert mv.tags["fbta.val_auc"] == "1.0"

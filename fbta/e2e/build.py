@@ -86,7 +86,7 @@ def options(cfg: DictConfig) -> FBTAOptions:
     f, t = cfg.fbta, cfg.train
     aug = Augment(**OmegaConf.to_container(f.augment, resolve=True))  # type: ignore[arg-type]
     step = StepOptions(views=tuple(f.views), consistency=f.consistency, augment=aug, amp=f.amp)
-    return FBTAOptions(epochs=t.epochs, patience=t.patience, lr=t.lr, translator_lr=f.translator_lr,
+    return FBTAOptions(epochs=f.epochs if f.epochs is not None else t.epochs, patience=t.patience, lr=t.lr, translator_lr=f.translator_lr,
                        extractor_lr=f.extractor_lr, weight_decay=t.weight_decay, ema_alpha=f.ema_alpha,
                        ema_every=f.ema_every, balanced=t.balanced, seed=t.seed, num_workers=f.num_workers,
                        prefetch=f.prefetch, progress=cfg.run.progress, step=step)
@@ -112,17 +112,10 @@ def save_fbta_states(folder: Path, states: dict[str, dict[str, torch.Tensor]]) -
 
 def load_ema_extractor(folder: Path, meta: dict[str, Any], device: torch.device) -> Extractor:
     """TFE* of an FBTA model folder (for the re-extraction comparison), ``weights_only`` loading."""
-    from fbta.mil.checkpoint import CheckpointError
+    from fbta.mil.checkpoint import CheckpointError, load_weights
 
     spec = meta.get("extractor")
     if not spec:
         raise CheckpointError(f"{folder}: not an FBTA model (meta.json has no extractor)")
     tfe = create_extractor(spec["extractor"], weights="random", trainable=False, device=device)
-    path = Path(folder) / spec.get("file", EXTRACTOR)
-    try:
-        tfe.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: EMA extractor weights missing") from None
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: does not fit {spec['extractor']} ({str(exc).splitlines()[0]})") from None
-    return tfe.eval()
+    return load_weights(tfe, Path(folder) / spec.get("file", EXTRACTOR), device, f"{spec['extractor']} extractor")

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fbta.e2e.translator import TRANSLATOR, Translator, _load_state, build_translator
-from fbta.mil.checkpoint import META, WEIGHTS, CheckpointError, read_meta
+from fbta.e2e.translator import TRANSLATOR, Translator, build_translator
+from fbta.mil.checkpoint import META, WEIGHTS, CheckpointError, load_weights, read_meta
 from fbta.mil.registry import MILHead, MILOutput, create_mil
 
 
@@ -46,24 +46,16 @@ class SlideClassifier:
         meta_path, best_path = Path(meta_path), Path(best_path)
         device = torch.device(device)
         meta = read_meta(meta_path.parent) if meta_path.name == META else _read_json(meta_path)
-        head = create_mil(meta["arch"], int(meta["in_dim"]), len(meta["classes"]), **meta["mil_kwargs"])
-        try:
-            state = torch.load(best_path, map_location=device, weights_only=True)
-        except FileNotFoundError:
-            raise CheckpointError(f"{best_path}: MIL weights missing") from None
-        try:
-            head.load_state_dict(state)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{best_path}: does not fit a {meta['arch']} head "
-                                  f"({str(exc).splitlines()[0]})") from None
+        head = load_weights(create_mil(meta["arch"], int(meta["in_dim"]), len(meta["classes"]), **meta["mil_kwargs"]),
+                            best_path, device, f"{meta['arch']} head")
         translator = build_translator(meta)
         files = [meta_path, best_path]
         if translator is not None:
             if translator_path is None:
                 raise CheckpointError(f"{meta_path}: names a translator but no translator weights were given")
-            translator = _load_state(translator, Path(translator_path), device, CheckpointError)
+            translator = load_weights(translator, Path(translator_path), device, "translator")
             files.append(Path(translator_path))
-        return cls(head.to(device).eval(), translator, meta, files, device)
+        return cls(head, translator, meta, files, device)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def forward(self, bag: Tensor | np.ndarray) -> MILOutput:

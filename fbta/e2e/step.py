@@ -95,13 +95,14 @@ def fbta_step(m: FBTAModels, bag: PseudoBag, t_over_T: float, opts: StepOptions,
 
     Returns the loss terms and where the time went (extractor, translator, MIL).
     """
-    use_amp = opts.amp and device.type == "cuda"
+    # bfloat16 autocast only: no loss scaling is needed (float16 without a GradScaler can underflow)
+    use_amp = opts.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
     y = bag.label.to(device).view(1)
     t0 = _sync(device)
     f_fb = bag.features.to(device, non_blocking=True)  # frozen bag F_FB (all N patches)
     f_sb = f_fb[bag.idx.to(device)]  # the pseudo-bag's frozen features F_SB
     x_sb = bag.pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)  # X_SB in [0, 1]
-    with torch.autocast(device.type, enabled=use_amp):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
         f_eb = m.tfe(m.tfe.preprocess(opts.augment(x_sb, gen))).float()  # end-to-end bag F_EB
         with torch.no_grad():
             target = m.tfe_ema(m.tfe_ema.preprocess(x_sb)).float()  # TFE*(X_SB), not augmented

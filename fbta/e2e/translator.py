@@ -89,24 +89,9 @@ def build_translator(meta: dict[str, Any]) -> Optional[Translator]:
 
 def load_translator(folder: Path, device: torch.device | str = "cpu") -> Optional[Translator]:
     """The trained translator of a model folder (``weights_only`` loading), or None for a vanilla model."""
-    from fbta.mil.checkpoint import CheckpointError, read_meta
+    from fbta.mil.checkpoint import load_weights, read_meta
 
-    folder = Path(folder)
-    meta = read_meta(folder)
-    translator = build_translator(meta)
+    translator = build_translator(read_meta(Path(folder)))
     if translator is None:
         return None
-    return _load_state(translator, folder / TRANSLATOR, device, CheckpointError)
-
-
-def _load_state(translator: Translator, path: Path, device: torch.device | str, error: type[Exception]) -> Translator:
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise error(f"{path}: translator weights missing (meta.json names a translator)") from None
-    try:
-        translator.load_state_dict(state)
-    except (RuntimeError, AttributeError) as exc:
-        raise error(f"{path}: does not fit the translator in meta.json ({str(exc).splitlines()[0]})") from None
-    return translator.to(device).eval()
-
+    return load_weights(translator, Path(folder) / TRANSLATOR, device, "translator")  # type: ignore[return-value]

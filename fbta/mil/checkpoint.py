@@ -52,18 +52,24 @@ def read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
+def load_weights(module: torch.nn.Module, path: Path, device: torch.device | str, what: str) -> torch.nn.Module:
+    """``weights_only`` load of a plain state dict into ``module``; a missing or mismatched file is one CheckpointError."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} weights missing") from None
+    except Exception as exc:  # noqa: BLE001 - pickled code refused by weights_only, truncated files, …
+        raise CheckpointError(f"{path}: not a loadable state dict ({str(exc).splitlines()[0]})") from None
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, AttributeError, TypeError) as exc:
+        raise CheckpointError(f"{path}: does not fit the {what} ({str(exc).splitlines()[0]})") from None
+    return module.to(device).eval()
+
+
 def load_head(folder: Path, device: torch.device | str = "cpu") -> tuple[MILHead, dict[str, Any]]:
     """Rebuild the head from ``meta.json`` and load ``best.pt`` with ``weights_only=True``; eval mode."""
     folder = Path(folder)
     meta = read_meta(folder)
     head = create_mil(meta["arch"], int(meta["in_dim"]), len(meta["classes"]), **meta["mil_kwargs"])
-    try:
-        state = torch.load(folder / WEIGHTS, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder}: {WEIGHTS} missing beside {META}") from None
-    try:
-        head.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{folder / WEIGHTS}: does not fit a {meta['arch']} head "
-                              f"({str(exc).splitlines()[0]})") from None
-    return head.to(device).eval(), meta
+    return load_weights(head, folder / WEIGHTS, device, f"{meta['arch']} head"), meta  # type: ignore[return-value]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import platform
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,9 +24,6 @@ import numpy as np
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in stage logs
 import mlflow.pyfunc  # noqa: E402
-
-# the model's schema is its signature (below), not type hints on predict(); MLflow nags either way
-warnings.filterwarnings("ignore", message=r".*type hints? (to|used in) the (`predict`|model's predict)", category=UserWarning)
 
 CLASSIFIER, SEGMENTER = "classifier", "segmenter"
 KINDS = (CLASSIFIER, SEGMENTER)
@@ -83,6 +79,9 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
     """pyfunc body of ``fbta-classifier``: one bag in, one row of class probabilities out."""
 
     clf: Any = None
+    # the input schema is the model signature (below), not type hints on predict(): without this MLflow
+    # wraps predict() for type-hint validation and warns on every class definition
+    _skip_type_hint_validation = True
 
     def load_context(self, context: Any) -> None:
         from fbta.e2e.classifier import load_classifier
@@ -90,7 +89,6 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         device = (context.model_config or {}).get("device", "cpu")
         self.clf = load_classifier(_artifact_folder(context.artifacts), device=device)
 
-    # no type hints on predict: MLflow would try to derive a schema from them (the signature below is the schema)
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         import pandas as pd
 
@@ -110,6 +108,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
     """pyfunc body of ``fbta-segmenter``: RGB patches in, fused tumour probability maps out."""
 
     seg: Any = None
+    _skip_type_hint_validation = True  # as ClassifierModel
 
     def load_context(self, context: Any) -> None:
         from fbta.seg import load_segmenter

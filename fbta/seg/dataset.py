@@ -256,3 +256,17 @@ class PatchSet:
 
     def counts(self) -> dict[str, int]:
         return {"patches": len(self), "positive": int(self.labels.sum()), "slides": len(set(self.slide_ids))}
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, labels: np.ndarray, masks: np.ndarray,
+                    slide_ids: Optional[list[str]] = None) -> "PatchSet":
+        """An in-memory set (notebooks, tests): uint8 N×H×W×3 images, N labels, N×H×W masks."""
+        ps = cls.__new__(cls)
+        ps.path = Path("<memory>")
+        ps.images, ps.labels = np.asarray(images, np.uint8), np.asarray(labels, np.float32)
+        ps.masks = np.asarray(masks, bool)
+        ps.fraction = ps.masks.mean(axis=(1, 2)).astype(np.float32)
+        ps.slide_ids = list(slide_ids or ["memory"] * len(ps.labels))
+        ps.coords = np.zeros((len(ps.labels), 2), np.int64)
+        ps.fingerprint = ""
+        return ps

@@ -68,11 +68,11 @@ def fit_distill(teacher: SideOutputNet, student: SideOutputNet, teacher_f1: floa
             if dopts.weighted_ce:
                 ce = weighted_ce(s_out.fused, t_out.fused, opts.threshold)
                 loss = loss + dopts.ce_weight * len(x) * ce
-                ce_total += float(ce)
+                ce_total += float(ce.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, steps = total + float(loss), steps + 1
+            total, steps = total + float(loss.detach()), steps + 1
         train_s = time.perf_counter() - t0
         scores, _ = evaluate(student, val, opts, device)
         improved = best_student is None or scores.f1 > best_student.val.f1

@@ -134,7 +134,7 @@ def fit_teacher(net: SideOutputNet, train: PatchSet, val: PatchSet, opts: FitOpt
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, steps = total + float(loss), steps + 1
+            total, steps = total + float(loss.detach()), steps + 1
         train_s = time.perf_counter() - t0
         scores, _ = evaluate(net, val, opts, device)
         ep = EpochLog(epoch, total / max(steps, 1), scores, time.perf_counter() - t0, {"train_seconds": round(train_s, 2)})

@@ -13,7 +13,6 @@ from fbta.slides.cohort import CohortError, read_labels
 from fbta.stages.common import features_dir, tile_failure
 
 METHODS = ("vanilla", "fbta")
-IMPLEMENTED = ("vanilla", "fbta")
 
 
 def check_method_and_arch(cfg: DictConfig) -> None:
@@ -21,9 +20,6 @@ def check_method_and_arch(cfg: DictConfig) -> None:
     method = cfg.train.method
     if method not in METHODS:
         raise ConfigError(f"train.method='{method}' is not one of {', '.join(METHODS)}")
-    if method not in IMPLEMENTED:
-        raise ConfigError(f"train.method={method} is not implemented yet — see issue #5 "
-                          f"(FBTA end-to-end training); use train.method=vanilla")
     from fbta.mil import list_mil
 
     if cfg.mil.arch not in list_mil():

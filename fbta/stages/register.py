@@ -39,10 +39,10 @@ def run(cfg: DictConfig) -> int:
     folders = {k: default_folder(cfg, k) for k in kinds}
     for kind, folder in folders.items():
         if not (folder / "meta.json").is_file():
-            raise InputError(f"{folder}: no trained {kind} (meta.json missing); train it first or set register.{kind}")
+            raise InputError(f"{folder}: no trained {kind} (meta.json missing); train it first, set "
+                             f"register.{kind}, or leave {kind} out of register.models")
     names = {"classifier": r.classifier_name, "segmenter": r.segmenter_name}
     reports = out_dir(cfg, "reports", "registry")
-    decisions = []
     with stage_run(cfg, "register", f"register-{'-'.join(kinds)}", {"fbta.data_out": cfg.data.out}) as mlrun:
         client = mlrun.client
         for kind in kinds:
@@ -68,5 +68,4 @@ def run(cfg: DictConfig) -> int:
             print(f"register: {line}{reuse}; decision → {dest}", flush=True)
             if d.get("warning"):
                 print(f"register: warning: {d['warning']}", flush=True)
-            decisions.append(d)
     return 0

@@ -35,10 +35,10 @@ def run(cfg: DictConfig) -> int:
     check_config(cfg)
     s, d = cfg.seg, cfg.seg.distill
     report = StageReport("seg_distill")
-    sets, fp = patch_sets(cfg, report, build=False)
     device = resolve_device(s.device)
     teacher_dir = out_dir(cfg, "models", "seg_teacher")
     seg_teacher = load_segmenter(teacher_dir, device)
+    sets, fp = patch_sets(cfg, report, build=False)
     if seg_teacher.meta.get("patches_fingerprint") != fp:
         raise InputError(f"{teacher_dir}: the teacher was trained on other patches; re-run `fbta seg-teacher`")
     if int(seg_teacher.meta.get("input_size") or 0) != int(s.input_size):

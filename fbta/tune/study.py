@@ -33,7 +33,7 @@ from fbta.config import ConfigError
 from fbta.io.atomic import atomic_write_text
 from fbta.stages.common import clusters_dir, features_dir
 from fbta.tracking import Run, flatten
-from fbta.tune.space import Space, nested, search_space, suggest, with_values
+from fbta.tune.space import Space, nested, suggest, with_values
 
 METRIC = "val_auc"
 

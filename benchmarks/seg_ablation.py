@@ -1,0 +1,105 @@
+"""IKD-MIL on the demo cohort: teacher vs student over seeds, role reversals, and the ablations.
+
+Uses the patch caches of an already-run ``fbta seg-teacher`` (``--out``) and
+the library directly (no MLflow). Per seed: a teacher, then a student with the
+full method; on the first seed also the ablations: no weighted CE, no role
+reversal, block-wise KD instead of fusion KD. Writes the table incrementally to
+reports/bench/seg_ablation.json and a row to BENCHMARKS.md at the end.
+
+    python benchmarks/seg_ablation.py --out /tmp/seg --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, record  # noqa: E402
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from fbta.config import load_config  # noqa: E402
+from fbta.io.atomic import atomic_write_text  # noqa: E402
+from fbta.mil.train import seed_everything  # noqa: E402
+from fbta.seg.dataset import PatchSet, cache_path  # noqa: E402
+from fbta.seg.distill import DistillOptions, fit_distill  # noqa: E402
+from fbta.seg.network import create_segnet  # noqa: E402
+from fbta.seg.pipeline import fit_options, resolve_device  # noqa: E402
+from fbta.seg.train import evaluate, fit_teacher  # noqa: E402
+
+VARIANTS = {
+    "full": {},
+    "no_weighted_ce": {"weighted_ce": False},
+    "no_role_reversal": {"role_reversal": False},
+    "blockwise_kd": {"kd": "blockwise"},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="data.out of a finished `fbta seg-teacher` run (its patch caches)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--ablation-seeds", type=int, nargs="*", default=None, help="default: the first seed")
+    ap.add_argument("overrides", nargs="*", help="params overrides, e.g. seg.teacher.epochs=8")
+    args = ap.parse_args()
+    cfg = load_config(ROOT / "params.yaml", [f"data.out={args.out}", "run.progress=false", *args.overrides])
+    s = cfg.seg
+    sets = {p: PatchSet(cache_path(args.out, p)) for p in ("train", "val", "test")}
+    device = resolve_device(s.device)
+    ablation_seeds = args.seeds[:1] if args.ablation_seeds is None else args.ablation_seeds
+    rows: list[dict] = []
+    dest = ROOT / "reports" / "bench" / "seg_ablation.partial.json"
+    for seed in args.seeds:
+        t_opts = fit_options(cfg, "teacher")
+        t_opts.seed = seed
+        seed_everything(seed, s.deterministic)
+        teacher, _ = create_segnet(s.backbone, s.weights, s.out_indices, s.fusion, s.fusion_weights)
+        t0 = time.perf_counter()
+        tr = fit_teacher(teacher, sets["train"], sets["val"], t_opts, device)
+        teacher.load_state_dict(tr.best_state)
+        t_test, _ = evaluate(teacher, sets["test"], t_opts, device)
+        t_epoch = sum(e.extra["train_seconds"] for e in tr.history) / len(tr.history)
+        rows.append({"seed": seed, "model": "teacher", "variant": "-", "val_f1": tr.best.f1, "test_f1": t_test.f1,
+                     "test_iou": t_test.iou, "test_hausdorff": t_test.hausdorff, "best_epoch": tr.best_epoch,
+                     "s_per_epoch": round(t_epoch, 2), "wall_s": round(time.perf_counter() - t0, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+        state = {k: v.clone() for k, v in teacher.state_dict().items()}
+        for name, change in VARIANTS.items():
+            if name != "full" and seed not in ablation_seeds:
+                continue
+            d = s.distill
+            base = dict(kd=d.kd, weighted_ce=d.weighted_ce, ce_weight=d.ce_weight, role_reversal=d.role_reversal,
+                        reversal_start=d.reversal_start, reversal_every=d.reversal_every)
+            dopts = DistillOptions(**{**base, **change})
+            opts = fit_options(cfg, "distill")
+            opts.seed = seed
+            teacher.load_state_dict(state)
+            seed_everything(seed, s.deterministic)
+            student, _ = create_segnet(s.backbone, s.weights, s.out_indices, s.fusion, s.fusion_weights)
+            t0 = time.perf_counter()
+            res = fit_distill(teacher, student, tr.best.f1, sets["train"], sets["val"], opts, dopts, device)
+            student.load_state_dict(res.best_state)
+            test, _ = evaluate(student, sets["test"], opts, device)
+            epoch_s = sum(e.extra["train_seconds"] for e in res.history) / len(res.history)
+            rows.append({"seed": seed, "model": "student", "variant": name, "val_f1": res.best.f1,
+                         "test_f1": test.f1, "test_iou": test.iou, "test_hausdorff": test.hausdorff,
+                         "best_epoch": res.best_epoch, "reversals": len(res.extra["reversals"]),
+                         "beat_teacher_val": bool(res.extra["beat_teacher"]), "s_per_epoch": round(epoch_s, 2),
+                         "wall_s": round(time.perf_counter() - t0, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+            atomic_write_text(dest, json.dumps(rows, indent=2))
+    teachers = [r for r in rows if r["model"] == "teacher"]
+    fulls = [r for r in rows if r["variant"] == "full"]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    headline = (f"test F1 teacher {mean(teachers, 'test_f1'):.3f} vs student {mean(fulls, 'test_f1'):.3f}, IoU "
+                f"{mean(teachers, 'test_iou'):.3f} vs {mean(fulls, 'test_iou'):.3f} over seeds {args.seeds}; "
+                f"{sum(r['reversals'] for r in fulls)} role reversal(s)")
+    record("seg_ablation", {"rows": rows, "params": {"seg": OmegaConf.to_container(cfg.seg)}}, headline)
+    dest.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""`fbta seg-teacher` → `fbta seg-distill` on a small real cohort (OpenSlide slides, PNG masks, MLflow sqlite)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from fbta.cli import main
+from fbta.seg import load_segmenter
+
+SMALL = ["synth.n_slides=8", "synth.width=1280", "synth.height=1280", "synth.tumour_fraction=0.3", "run.progress=false"]
+TINY_NET = ["seg.backbone=test_efficientnet", "seg.weights=random", "seg.input_size=64", "seg.batch_size=4",
+            "seg.max_train=16", "seg.max_val=8", "seg.max_test=8", "seg.overlays=3", "seg.device=cpu",
+            "seg.teacher.epochs=2", "seg.distill.epochs=2", "seg.distill.reversal_start=1",
+            "seg.distill.reversal_every=1"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    root = tmp_path_factory.mktemp("segcohort")
+    d = [f"data.slides={root}/slides", f"data.labels={root}/labels.csv", f"data.masks={root}/masks",
+         f"data.out={root}/out", f"tracking.uri=sqlite:///{root}/mlflow.db", f"tracking.artifact_root={root}/mlruns"]
+    assert main(["synth", *d, *SMALL]) == 0
+    assert main(["tile", *d, *SMALL]) == 0
+    return d + SMALL + TINY_NET
+
+
+@pytest.mark.slow  # ~1 min on 2 idle cores (synth + tile + two short trainings)
+def test_teacher_then_distill_write_models_metrics_pseudo_masks_and_overlays(cohort: list[str], capsys):
+    out = Path(cohort[3].split("=", 1)[1])
+    assert main(["seg-teacher", *cohort]) == 0
+    first = capsys.readouterr().out
+    assert "cached" in first and "seg-teacher: best epoch" in first
+    assert main(["seg-distill", *cohort]) == 0
+    assert "role reversal" in capsys.readouterr().out
+
+    for role in ("teacher", "student"):
+        meta = json.loads((out / f"models/seg_{role}/meta.json").read_text())
+        assert meta["complete"] and 0 <= meta["val_f1"] <= 1 and meta["net"]["arch"] == "test_efficientnet"
+    frag_t = json.loads((out / "reports/metrics/seg_teacher.json").read_text())
+    frag_s = json.loads((out / "reports/metrics/seg_distill.json").read_text())
+    merged = json.loads((out / "reports/metrics.json").read_text())
+    for frag, role in ((frag_t, "teacher"), (frag_s, "student")):
+        entry = frag["segmentation"][role]
+        assert {"f1", "iou", "hausdorff", "n", "n_pos"} <= set(entry) and entry["n"] == 8
+        assert merged["segmentation"][role] == entry
+    assert isinstance(frag_s["segmentation"]["student"]["reversals"], int)
+
+    with h5py.File(out / "seg/patches/train.h5") as f:
+        labels, n = f["labels"][:], len(f["images"])
+        assert n == 16 and 0 < labels.sum() < n and f["masks"].shape == (16, 256, 256)
+    for role in ("teacher", "student"):
+        with h5py.File(out / f"seg/pseudo_masks/{role}_train.h5") as f:
+            assert f["probs"].shape == (16, 256, 256) and f["probs"].dtype == np.uint8
+    pngs = sorted(p.name for p in (out / "reports/plots/segmentation/student").glob("*.png"))
+    assert "overview.png" in pngs and len(pngs) == 4
+
+    seg = load_segmenter(out / "models/seg_student")
+    with h5py.File(out / "seg/patches/test.h5") as f:
+        probs = seg.predict(f["images"][:2])
+    assert probs.shape == (2, 256, 256) and 0 <= probs.min() and probs.max() <= 1
+
+    assert main(["seg-teacher", *cohort]) == 0  # caches up to date: not rebuilt
+    assert "cached" not in capsys.readouterr().out
+
+
+def test_bad_settings_and_missing_inputs_are_one_line_errors(tmp_path: Path, capsys):
+    d = [f"data.out={tmp_path}/empty", "tracking.enabled=false", "run.progress=false"]
+    assert main(["seg-teacher", *d, "seg.teacher.loss=focal"]) == 2
+    assert "seg.teacher.loss='focal' must be one of dice, gmp_bce" in capsys.readouterr().err
+    assert main(["seg-teacher", *d, "seg.fusion_weights=[0.5,0.5]"]) == 2
+    assert "seg.fusion_weights has 2 values for 3" in capsys.readouterr().err
+    assert main(["seg-distill", *d]) == 2
+    err = capsys.readouterr().err
+    assert "no trained segmenter" in err and "seg_teacher" in err and len(err.strip().splitlines()) == 1

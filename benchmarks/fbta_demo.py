@@ -24,7 +24,7 @@ from common import ROOT, record
 RESULTS = ROOT / "reports" / "bench" / "fbta_demo.json"
 
 
-def run_one(spec: str, out_root: Path, epochs: int, reextract: bool) -> dict:
+def run_one(spec: str, data: Path, out_root: Path, epochs: int, reextract: bool) -> dict:
     """``arch:method:seed[:key=value,...]`` → train + evaluate/infer; the metrics."""
     arch, method, seed, *rest = spec.split(":")
     extra = [kv for part in rest for kv in part.split(";") if kv]
@@ -33,8 +33,9 @@ def run_one(spec: str, out_root: Path, epochs: int, reextract: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     clusters = out / "clusters"
     if not clusters.exists():
-        clusters.symlink_to(ROOT / "data" / "clusters")
-    common = [f"data.out={out}", f"data.features={ROOT}/data/features/efficientnet_lite0", "tracking.enabled=false",
+        clusters.symlink_to(data / "clusters")
+    common = [f"data.out={out}", f"data.features={data}/features/efficientnet_lite0", f"data.slides={data}/slides",
+              f"data.labels={data}/labels.csv", "tracking.enabled=false",
               "run.progress=false", f"mil.arch={arch}", f"train.method={method}", f"train.seed={seed}", *extra]
     if method == "fbta":
         common += [f"fbta.epochs={epochs}", f"train.patience={epochs}"]
@@ -68,6 +69,8 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", required=True, help="arch:method:seed[:key=value;key=value]")
     p.add_argument("--epochs", type=int, default=6, help="FBTA epochs (vanilla uses params.yaml's)")
     p.add_argument("--reextract", nargs="*", default=[], help="runs that also score TFE* re-extraction")
+    p.add_argument("--data", type=Path, default=ROOT / "data",
+                   help="a cohort's data.out after synth/tile/extract/cluster (slides/, labels.csv, features/, clusters/)")
     p.add_argument("--out", type=Path, default=Path("/tmp/fbta_demo"))
     args = p.parse_args()
     results = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else {}
@@ -75,7 +78,7 @@ def main() -> None:
         if spec in results:
             continue
         print(f"== {spec}", flush=True)
-        results[spec] = run_one(spec, args.out, args.epochs, spec in args.reextract)
+        results[spec] = run_one(spec, args.data, args.out, args.epochs, spec in args.reextract)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps({"runs": results}, indent=2))
         print(table({spec: results[spec]}), flush=True)
@@ -85,7 +88,7 @@ def main() -> None:
         key = f"{r['arch']} {r['method']}" + (f" {' '.join(r['extra'])}" if r["extra"] else "")
         groups.setdefault(key, []).append(r["test"][r["method"]]["auc"])
     headline = "; ".join(f"{k}: test AUC {np.mean(v):.2f}±{np.std(v):.2f} (n={len(v)})" for k, v in groups.items())
-    record("fbta_demo", {"runs": results, "epochs": args.epochs}, headline)
+    record("fbta_demo", {"runs": results, "epochs": args.epochs, "data": str(args.data)}, headline)
 
 
 if __name__ == "__main__":

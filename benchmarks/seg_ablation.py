@@ -50,9 +50,13 @@ def main() -> None:
     sets = {p: PatchSet(cache_path(args.out, p)) for p in ("train", "val", "test")}
     device = resolve_device(s.device)
     ablation_seeds = args.seeds[:1] if args.ablation_seeds is None else args.ablation_seeds
-    rows: list[dict] = []
     dest = ROOT / "reports" / "bench" / "seg_ablation.partial.json"
+    rows: list[dict] = json.loads(dest.read_text()) if dest.exists() else []  # an interrupted run goes on
+    done = {(r["seed"], r["model"], r["variant"]) for r in rows}
     for seed in args.seeds:
+        wanted = [v for v in VARIANTS if v == "full" or seed in ablation_seeds]
+        if (seed, "teacher", "-") in done and all((seed, "student", v) in done for v in wanted):
+            continue
         t_opts = fit_options(cfg, "teacher")
         t_opts.seed = seed
         seed_everything(seed, s.deterministic)
@@ -62,13 +66,14 @@ def main() -> None:
         teacher.load_state_dict(tr.best_state)
         t_test, _ = evaluate(teacher, sets["test"], t_opts, device)
         t_epoch = sum(e.extra["train_seconds"] for e in tr.history) / len(tr.history)
-        rows.append({"seed": seed, "model": "teacher", "variant": "-", "val_f1": tr.best.f1, "test_f1": t_test.f1,
-                     "test_iou": t_test.iou, "test_hausdorff": t_test.hausdorff, "best_epoch": tr.best_epoch,
-                     "s_per_epoch": round(t_epoch, 2), "wall_s": round(time.perf_counter() - t0, 1)})
-        print(json.dumps(rows[-1]), flush=True)
+        if (seed, "teacher", "-") not in done:  # same seed → the same teacher (deterministic)
+            rows.append({"seed": seed, "model": "teacher", "variant": "-", "val_f1": tr.best.f1, "test_f1": t_test.f1,
+                         "test_iou": t_test.iou, "test_hausdorff": t_test.hausdorff, "best_epoch": tr.best_epoch,
+                         "s_per_epoch": round(t_epoch, 2), "wall_s": round(time.perf_counter() - t0, 1)})
+            print(json.dumps(rows[-1]), flush=True)
         state = {k: v.clone() for k, v in teacher.state_dict().items()}
         for name, change in VARIANTS.items():
-            if name != "full" and seed not in ablation_seeds:
+            if name not in wanted or (seed, "student", name) in done:
                 continue
             d = s.distill
             base = dict(kd=d.kd, weighted_ce=d.weighted_ce, ce_weight=d.ce_weight, role_reversal=d.role_reversal,

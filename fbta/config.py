@@ -118,6 +118,7 @@ class TrainCfg:
     patience: int = 20  # stop after this many epochs without a better validation AUC
     lr: float = 2e-4
     weight_decay: float = 1e-5  # Adam's L2 term
+    standardize: bool = True  # heads z-score their input with the training instances' per-feature mean/std
     ema: bool = False  # validate and save an exponential moving average of the MIL weights
     ema_alpha: float = 0.999  # EMA decay per optimiser step
     balanced: bool = True  # class-balanced sampling (weights 1/class count, with replacement)

@@ -57,7 +57,9 @@ def test_fbta_training_writes_the_deployable_model_and_its_history(trained) -> N
     folder = out / "models" / "fbta_abmil"
     assert {"best.pt", "translator.pt", "extractor.pt", "meta.json", "history.csv"} <= {p.name for p in folder.iterdir()}
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["complete"] and meta["method"] == "fbta" and meta["weights"] == "ema"
+    assert meta["complete"] and meta["method"] == "fbta" and meta["weights"] == "ema" and meta["standardize"]
+    head = torch.load(folder / "best.pt", weights_only=True)
+    assert head["in_mean"].abs().sum() > 0 and (head["in_std"] > 0).all()  # the training slides' feature stats
     assert meta["translator"] == {"dim": 256, "k": 3, "hidden": 64, "layernorm": False}
     assert meta["extractor"]["trained_units"] == ["conv_head", "bn2"] and meta["n_clusters"] == 4
     header = (folder / "history.csv").read_text().splitlines()[0].split(",")

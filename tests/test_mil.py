@@ -362,3 +362,24 @@ def test_fused_cuda_kernel_agrees_with_the_pytorch_scan() -> None:
     torch.testing.assert_close(last_fused, last, rtol=1e-3, atol=1e-3)
     for a, b in zip(g_fused, g):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_a_head_standardises_its_input_with_the_stats_it_carries(name: str) -> None:
+    plain, fitted = make_head(name), make_head(name)
+    mean, std = torch.linspace(-1, 1, D), torch.linspace(0.5, 2, D)
+    fitted.set_input_stats(mean, std)
+    bag = torch.randn(17, D) * std + mean
+    torch.testing.assert_close(fitted(bag).logits, plain((bag - mean) / std).logits)
+    reloaded = make_head(name)
+    reloaded.load_state_dict(fitted.state_dict())
+    torch.testing.assert_close(reloaded(bag).logits, fitted(bag).logits)
+
+
+def test_a_checkpoint_without_input_stats_loads_as_no_standardisation() -> None:
+    head = make_head("abmil")
+    old = {k: v for k, v in head.state_dict().items() if k not in ("in_mean", "in_std")}
+    fresh = make_head("abmil")
+    fresh.set_input_stats(torch.ones(D), torch.full((D,), 3.0))
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.in_mean, torch.zeros(D)) and torch.equal(fresh.in_std, torch.ones(D))

@@ -44,6 +44,19 @@ class Cohort:
                 for p, items in self.parts.items()}
 
 
+def feature_stats(items: Sequence[BagItem]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation over every instance of ``items`` (streamed, float64)."""
+    total, sq, n = 0.0, 0.0, 0
+    for it in items:
+        feats, _, _ = read_features(it.path)
+        f = feats.astype(np.float64)
+        total, sq, n = total + f.sum(0), sq + (f * f).sum(0), n + len(f)
+    if n == 0:
+        raise ValueError("no instances to compute feature statistics from")
+    mean = total / n
+    return mean.astype(np.float32), np.sqrt(np.maximum(sq / n - mean * mean, 0.0)).astype(np.float32)
+
+
 def bag_shape(path: Path) -> tuple[int, int]:
     """(N, D) of a feature file without reading the features."""
     with h5py.File(path, "r") as f:

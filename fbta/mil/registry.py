@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 DEFAULT_MIL = "abmil"
@@ -40,6 +41,14 @@ class MILHead(nn.Module):
 
     ``bag`` is N×D or 1×N×D: one slide per call, as in FBTA (batch = 1 WSI),
     because bags of different slides have different N.
+
+    Every head first standardises its input per feature with ``in_mean`` /
+    ``in_std`` (buffers, identity until :meth:`set_input_stats`): frozen CNN
+    features share a large common component, and without removing it a head
+    sits on a loss plateau for many epochs before attention finds the signal.
+    The statistics travel in the state dict, so every bag the head sees — frozen,
+    end-to-end or translated, in training, evaluation or a served model — is
+    standardised the same way.
     """
 
     def __init__(self, in_dim: int, n_classes: int, dropout: float) -> None:
@@ -51,6 +60,17 @@ class MILHead(nn.Module):
         self.in_dim = int(in_dim)
         self.n_classes = int(n_classes)
         self.dropout = float(dropout)
+        self.register_buffer("in_mean", torch.zeros(self.in_dim))
+        self.register_buffer("in_std", torch.ones(self.in_dim))
+        self._register_load_state_dict_pre_hook(_identity_stats_if_absent, with_module=True)
+
+    @torch.no_grad()
+    def set_input_stats(self, mean: Tensor, std: Tensor, eps: float = 1e-6) -> None:
+        """Per-feature mean and standard deviation of the training instances (see the class docstring)."""
+        if mean.shape != (self.in_dim,) or std.shape != (self.in_dim,):
+            raise ValueError(f"input stats must have shape ({self.in_dim},), got {tuple(mean.shape)}, {tuple(std.shape)}")
+        self.in_mean.copy_(mean)
+        self.in_std.copy_(std.clamp_min(eps))
 
     def as_bag(self, bag: Tensor) -> Tensor:
         """Validate one slide's bag and return it as 1×N×D."""
@@ -66,13 +86,19 @@ class MILHead(nn.Module):
             raise ValueError(f"{type(self).__name__}: empty bag (a slide with no patches)")
         if not bag.is_floating_point():
             raise ValueError(f"{type(self).__name__}: bag must be floating point, got {bag.dtype}")
-        return bag
+        return (bag - self.in_mean) / self.in_std
 
     def forward(self, bag: Tensor) -> MILOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, n_classes={self.n_classes}, dropout={self.dropout}"
+
+
+def _identity_stats_if_absent(head: MILHead, state_dict: dict, prefix: str, *_: object) -> None:
+    """Checkpoints written before heads carried input statistics load as 'no standardisation'."""
+    for name, fill in (("in_mean", 0.0), ("in_std", 1.0)):
+        state_dict.setdefault(prefix + name, torch.full((head.in_dim,), fill))
 
 
 def register_mil(name: str) -> Callable[[MILBuilder], MILBuilder]:

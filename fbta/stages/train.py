@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from fbta.config import ConfigError, save_config
 from fbta.io.reports import write_csv
 from fbta.mil.checkpoint import META, save_checkpoint
-from fbta.mil.data import BagDataset, Cohort
+from fbta.mil.data import BagDataset, Cohort, feature_stats
 from fbta.mil.plots import save_curves
 from fbta.mil.registry import MILHead, create_mil
 from fbta.mil.splits import Split
@@ -83,13 +83,16 @@ def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
     device = resolve_device(t.device)
     seed_everything(t.seed, t.deterministic)
     head, mil_kwargs = _head(cfg, cohort.in_dim, len(cohort.classes))
+    if t.standardize:
+        mean, std = feature_stats(cohort.parts["train"])
+        head.set_input_stats(torch.from_numpy(mean), torch.from_numpy(std))
     val_ds = BagDataset(cohort.parts["val"], preload=t.preload)
     name = variant(cfg)
     meta = {
         "method": t.method, "variant": name, "arch": cfg.mil.arch, "mil_kwargs": mil_kwargs,
         "in_dim": cohort.in_dim, "n_classes": len(cohort.classes), "classes": cohort.classes,
         "positive_class": cohort.classes[1] if len(cohort.classes) == 2 else None,
-        "weights": "ema" if t.ema or fbta else "raw",
+        "weights": "ema" if t.ema or fbta else "raw", "standardize": bool(t.standardize),
         "ema_alpha": cfg.fbta.ema_alpha if fbta else (t.ema_alpha if t.ema else None),
         "features": str(features_dir(cfg)), "split_source": split.source,
         "split": {p: [it.slide_id for it in items] for p, items in cohort.parts.items()},

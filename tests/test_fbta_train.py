@@ -120,3 +120,25 @@ def test_bad_fbta_choices_are_one_line_errors(cohort, capsys) -> None:
     assert "fbta.views" in capsys.readouterr().err
     assert fbta("infer", *ov, "train.method=vanilla") == 2
     assert "set train.method=fbta" in capsys.readouterr().err
+
+
+def test_the_registered_fbta_classifier_is_translator_plus_ema_mil_and_answers_like_the_folder(trained, tmp_path) -> None:
+    import mlflow.pyfunc
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    out, ov = trained
+    store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/mlruns",
+             "tracking.enabled=true", f"data.out={tmp_path}/out"]
+    folder = out / "models" / "fbta_abmil"
+    assert fbta("register", *ov, *store, "train.method=fbta", "register.models=[classifier]",
+                f"register.classifier={folder}") == 0
+    mv = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_model_version_by_alias("fbta-classifier", "champion")
+    assert mv.tags["fbta.method"] == "fbta"
+    model = mlflow.pyfunc.load_model(mv.source)
+    assert {p.name for p in model.unwrap_python_model().clf.files} == {"meta.json", "best.pt", "translator.pt"}
+    bag, _, _ = read_features(next((out / "features" / "test_efficientnet" / "h5_files").glob("*.h5")))
+    np.testing.assert_allclose(model.predict(bag).to_numpy()[0], load_classifier(folder).predict_proba(bag),
+                               rtol=1e-5, atol=1e-6)
+    decision = json.loads((tmp_path / "out/reports/registry/fbta-classifier.json").read_text())
+    assert decision["decision"] == "promoted" and decision["aliases"]["champion"] == str(mv.version)

@@ -383,3 +383,26 @@ def test_a_checkpoint_without_input_stats_loads_as_no_standardisation() -> None:
     fresh.set_input_stats(torch.ones(D), torch.full((D,), 3.0))
     fresh.load_state_dict(old)
     assert torch.equal(fresh.in_mean, torch.zeros(D)) and torch.equal(fresh.in_std, torch.ones(D))
+
+
+def test_feature_stats_stream_over_slides_and_floor_dead_units(tmp_path: Path) -> None:
+    import numpy as np
+
+    from fbta.io.h5 import write_features
+    from fbta.mil.data import BagItem, feature_stats
+
+    rng = np.random.default_rng(0)
+    bags = [rng.normal(3.0, 2.0, size=(n, 8)).astype(np.float32) for n in (40, 70)]
+    for b in bags:
+        b[:, 0] = 0.0  # a dead ReLU unit: no spread in the frozen features
+    items = []
+    for i, b in enumerate(bags):
+        write_features(tmp_path / f"s{i}.h5", b, np.zeros((len(b), 2)), {})
+        items.append(BagItem(f"s{i}", tmp_path / f"s{i}.h5", 0, len(b)))
+    mean, std = feature_stats(items)
+    every = np.concatenate(bags)
+    np.testing.assert_allclose(mean, every.mean(0), rtol=1e-5, atol=1e-5)
+    true_std = every.std(0)
+    floor = np.median(true_std)
+    np.testing.assert_allclose(std, np.maximum(true_std, floor), rtol=1e-4)
+    assert true_std[0] == 0 and std[0] == pytest.approx(floor, rel=1e-4)  # the dead unit is floored, not ~0

@@ -45,7 +45,13 @@ class Cohort:
 
 
 def feature_stats(items: Sequence[BagItem]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and standard deviation over every instance of ``items`` (streamed, float64)."""
+    """Per-feature mean and standard deviation over every instance of ``items`` (streamed, float64).
+
+    The standard deviation is floored at its median over features: CNN features
+    have dead (ReLU) units that hardly vary in the frozen features, and dividing
+    by their near-zero spread would blow up the same units when FBTA's trainable
+    extractor moves them (L_cls of the end-to-end view in the hundreds).
+    """
     total, sq, n = 0.0, 0.0, 0
     for it in items:
         feats, _, _ = read_features(it.path)
@@ -54,7 +60,8 @@ def feature_stats(items: Sequence[BagItem]) -> tuple[np.ndarray, np.ndarray]:
     if n == 0:
         raise ValueError("no instances to compute feature statistics from")
     mean = total / n
-    return mean.astype(np.float32), np.sqrt(np.maximum(sq / n - mean * mean, 0.0)).astype(np.float32)
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
+    return mean.astype(np.float32), np.maximum(std, max(float(np.median(std)), 1e-6)).astype(np.float32)
 
 
 def bag_shape(path: Path) -> tuple[int, int]:

@@ -7,13 +7,16 @@ smoothing the metrics use), so what is drawn is what is scored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from fbta.io.atomic import atomic_path
 from fbta.seg.metrics import binarise
+
+if TYPE_CHECKING:
+    from fbta.seg.dataset import PatchSet
 
 CAPTION_H = 18
 
@@ -86,3 +89,14 @@ def pick_patches(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     n_pos = min(len(pos), max(k - k // 3, k - len(neg)))
     chosen = list(rng.choice(pos, n_pos, replace=False)) + list(rng.choice(neg, min(len(neg), k - n_pos), replace=False))
     return np.array(sorted(chosen), dtype=np.int64)
+
+
+def save_test_overlays(dest: Path, test: "PatchSet", maps: Mapping[str, np.ndarray], k: int, seed: int,
+                       sigma: float, threshold: float) -> list[Path]:
+    """Overlays of ``k`` test patches (positives first): image, ground truth and each map of ``maps`` (per patch)."""
+    pick = pick_patches(test.labels, k, seed)
+    names = [f"{test.slide_ids[i]}_{test.coords[i][0]}_{test.coords[i][1]}" for i in pick]
+    captions = [f"{test.slide_ids[i]} ({test.coords[i][0]}, {test.coords[i][1]}), tumour {test.fraction[i]:.0%}"
+                for i in pick]
+    return save_overlays(dest, test.images[pick], test.masks[pick], {k_: v[pick] for k_, v in maps.items()},
+                         names, captions, sigma, threshold)

@@ -22,7 +22,7 @@ from fbta.mil.train import seed_everything
 from fbta.seg.distill import DistillOptions, fit_distill
 from fbta.seg.model import META, WEIGHTS, load_segmenter, save_segmenter
 from fbta.seg.network import create_segnet
-from fbta.seg.overlays import pick_patches, save_overlays
+from fbta.seg.overlays import save_test_overlays
 from fbta.seg.pipeline import check_config, describe, fit_options, metrics_entry, patch_sets, resolve_device, \
     write_history, write_pseudo_masks
 from fbta.seg.train import evaluate
@@ -83,13 +83,8 @@ def run(cfg: DictConfig) -> int:
         save_config(cfg, folder / "config.yaml")
         write_pseudo_masks(out_dir(cfg, "seg", "pseudo_masks") / "student_train.h5", student, sets["train"], opts,
                            device, "seg_student")
-        ps = sets["test"]
-        pick = pick_patches(ps.labels, s.overlays, s.data_seed)
-        plots = save_overlays(out_dir(cfg, "reports", "plots", "segmentation", "student"), ps.images[pick],
-                              ps.masks[pick], {"teacher": teacher_probs[pick], "student": test_probs[pick]},
-                              [f"{ps.slide_ids[i]}_{ps.coords[i][0]}_{ps.coords[i][1]}" for i in pick],
-                              [f"{ps.slide_ids[i]} ({ps.coords[i][0]}, {ps.coords[i][1]}), tumour "
-                               f"{ps.fraction[i]:.0%}" for i in pick], s.sigma, s.threshold)
+        plots = save_test_overlays(out_dir(cfg, "reports", "plots", "segmentation", "student"), sets["test"],
+                                   {"teacher": teacher_probs, "student": test_probs}, s.overlays, s.data_seed, s.sigma, s.threshold)
         entry = metrics_entry(test, {"val_f1": round(result.best.f1, 6), "epoch": result.best_epoch,
                                      "reversals": len(reversals), "beat_teacher": bool(result.extra["beat_teacher"]),
                                      "teacher_val_f1": round(teacher_val.f1, 6), "kd": d.kd,

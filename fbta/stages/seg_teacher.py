@@ -20,7 +20,7 @@ from fbta.io.reports import publish_metrics
 from fbta.mil.train import seed_everything
 from fbta.seg.model import META, WEIGHTS, save_segmenter
 from fbta.seg.network import create_segnet
-from fbta.seg.overlays import pick_patches, save_overlays
+from fbta.seg.overlays import save_test_overlays
 from fbta.seg.pipeline import check_config, describe, fit_options, metrics_entry, patch_sets, resolve_device, \
     write_history, write_pseudo_masks
 from fbta.seg.train import evaluate, fit_teacher
@@ -67,13 +67,8 @@ def run(cfg: DictConfig) -> int:
         save_config(cfg, folder / "config.yaml")
         write_pseudo_masks(out_dir(cfg, "seg", "pseudo_masks") / "teacher_train.h5", net, sets["train"], opts,
                            device, "seg_teacher")
-        ps = sets["test"]
-        pick = pick_patches(ps.labels, s.overlays, s.data_seed)
-        plots = save_overlays(out_dir(cfg, "reports", "plots", "segmentation", "teacher"), ps.images[pick],
-                              ps.masks[pick], {"teacher": test_probs[pick]},
-                              [f"{ps.slide_ids[i]}_{ps.coords[i][0]}_{ps.coords[i][1]}" for i in pick],
-                              [f"{ps.slide_ids[i]} ({ps.coords[i][0]}, {ps.coords[i][1]}), tumour "
-                               f"{ps.fraction[i]:.0%}" for i in pick], s.sigma, s.threshold)
+        plots = save_test_overlays(out_dir(cfg, "reports", "plots", "segmentation", "teacher"), sets["test"],
+                                   {"teacher": test_probs}, s.overlays, s.data_seed, s.sigma, s.threshold)
         entry = metrics_entry(test, {"val_f1": round(result.best.f1, 6), "epoch": result.best_epoch,
                                      "seconds_per_epoch": round(per_epoch, 2)})
         publish_metrics(out_dir(cfg, "reports"), "seg_teacher", {"segmentation": {"teacher": entry}})

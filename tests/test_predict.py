@@ -144,4 +144,5 @@ def test_batch_infer_flow_runs_the_same_steps(champion, tmp_path: Path, monkeypa
     with prefect_test_harness(server_startup_timeout=120):  # a busy 2-core box starts it slowly
         result = batch_infer_flow(name="flow", params=PARAMS[1], overrides=ov)
     assert result["counts"]["done"] == 2 and Path(result["path"]).name == "flow.json"
+    assert fbta("predict", *ov) == 0  # the CLI on the same slides (also when this test runs alone)
     assert rows_of(root, "flow")["synth_000"]["prob_tumour"] == rows_of(root)["synth_000"]["prob_tumour"]

@@ -91,6 +91,9 @@ def test_infer_scores_the_translator_path_and_the_reextraction_it_replaces(train
     assert 0.0 <= m["fbta_reextract"]["agreement"] <= 1.0 and m["fbta_reextract"]["speedup_translator"] > 1
     frag = json.loads((out / "reports" / "metrics" / "infer_fbta.json").read_text())
     assert frag["classification"]["fbta"] == m["fbta"]
+    assert fbta("infer", *ov, "train.method=fbta", "infer.reextract=false") == 0  # no stale re-extraction left
+    assert not list((out / "reports").rglob("*fbta_reextract*"))
+    assert (out / "reports" / "metrics" / "infer_fbta.json").is_file()
 
 
 def test_frozen_extractor_ablation_keeps_the_extractor_as_it_was(cohort, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from fbta.e2e.classifier import load_classifier
 from fbta.e2e.reextract import reextract_slide, translate_slide
 from fbta.mil.train import resolve_device
 from fbta.slides.cohort import CohortError, read_labels
+from fbta.stages.common import out_dir
 from fbta.stages.evaluate import held_out, report_variant
 from fbta.stages.milrun import check_method_and_arch, model_folder, variant
 
@@ -44,6 +45,7 @@ def run(cfg: DictConfig) -> int:
     report_variant(cfg, name, part, items, classes, probs_t, model.meta, fragment="infer",
                    extra={"seconds": round(t_translate, 4), "patches": n_patches, "path": "translator"})
     if not cfg.infer.reextract:
+        _drop_stale(cfg, f"{name}_reextract")
         return 0
 
     entries = read_labels(cfg.data.labels, cfg.data.slides)
@@ -72,3 +74,13 @@ def run(cfg: DictConfig) -> int:
           f"{t_reextract:.1f} s ({speedup:.0f}× slower); same prediction on {same:.0%} of slides, "
           f"mean |Δp| {gap:.3f}", flush=True)
     return 0
+
+
+def _drop_stale(cfg: DictConfig, name: str) -> None:
+    """A skipped re-extraction leaves no numbers from an earlier run (``fbta report`` rebuilds metrics.json)."""
+    reports = out_dir(cfg, "reports")
+    stale = [reports / f"confusion_{name}.json", reports / "metrics" / f"infer_{name}.json",
+             *(reports / "plots" / f"{kind}_{name}.{ext}" for kind, ext in (("roc", "csv"), ("roc", "png"),
+                                                                          ("predictions", "csv")))]
+    for path in stale:
+        path.unlink(missing_ok=True)

@@ -136,11 +136,15 @@ def test_stale_or_missing_clusters_are_refused_with_the_file_and_the_fix(tmp_pat
 # ----------------------------------------------------------------------------- the step
 
 
-def _models(views_dim: int = 32) -> FBTAModels:
+SMALL = {"abmil": {"hidden": 16, "attn_dim": 8}, "abmil_plain": {"hidden": 16, "attn_dim": 8},
+         "transmil": {"dim": 32, "heads": 4, "landmarks": 16}, "mambamil": {"dim": 32, "attn_dim": 16}}
+
+
+def _models(arch: str = "abmil") -> FBTAModels:
     torch.manual_seed(0)
     tfe = create_extractor("test_efficientnet", weights="random")
     prepare_tfe(tfe, trainable=True, train_blocks=2, freeze_bn=True)
-    head = create_mil("abmil", tfe.dim, 2, hidden=16, attn_dim=8)
+    head = create_mil(arch, tfe.dim, 2, **SMALL[arch])
     return FBTAModels(head, Translator(tfe.dim, k=3), tfe)
 
 
@@ -166,6 +170,15 @@ def test_one_step_gives_every_trained_part_a_gradient_and_l_dist_starts_at_zero(
     assert all(p.grad is None for n, mod in units.items() if n not in trained for p in mod.parameters())
     assert any(p.grad.abs().sum() > 0 for p in units[trained[0]].parameters())
     assert all(p.grad is None for p in m.tfe_ema.parameters()) and all(p.grad is None for p in m.mil_ema.parameters())
+
+
+@pytest.mark.parametrize("arch", sorted(SMALL))
+def test_fbta_is_plug_and_play_over_every_mil_head(arch: str) -> None:
+    m = _models(arch)
+    stats = fbta_step(m, _bag(m, 40, 8), 0.5, StepOptions(), torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert torch.isfinite(torch.tensor(stats["loss"])) and stats["l_cls"] > 0
+    assert all(p.grad is not None for p in m.mil.parameters() if p.requires_grad)
+    assert m.translator.w2.grad.abs().sum() > 0
 
 
 def test_eb_only_view_leaves_the_translator_to_l_dist_alone() -> None:

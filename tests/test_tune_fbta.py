@@ -52,6 +52,7 @@ def test_fbta_study_tunes_c_m_k_and_its_best_model_registers_as_one_pyfunc(tmp_p
         assert set(t.params) == {"cluster.n_clusters", "fbta.m", "fbta.k", "fbta.translator_lr"}
         meta = json.loads((d / f"out/tune/s/trial_{t.number:04d}/models/fbta_abmil/meta.json").read_text())
         assert meta["n_clusters"] == t.params["cluster.n_clusters"] and meta["translator"]["k"] == t.params["fbta.k"]
+        assert meta["fbta"]["epochs"] == 2 and meta["epochs_run"] <= 2  # tune.epochs, not params.yaml's fbta.epochs
         clusters = d / f"out/tune/s/trial_{t.number:04d}/clusters/test_efficientnet"
         assert clusters.is_symlink() and clusters.resolve().parent.parent.name == f"C{t.params['cluster.n_clusters']}"
     best = json.loads((d / "out/tune/s/best.json").read_text())

@@ -116,8 +116,8 @@ def trial_config(cfg: DictConfig, values: dict[str, Any], trial_dir: Path) -> Di
     base = Path(cfg.data.out)
     extra: dict[str, Any] = {"data.out": str(trial_dir), "data.features": str(features_dir(cfg).resolve()),
                              "tracking.enabled": False}
-    if cfg.tune.epochs:
-        extra["train.epochs"] = int(cfg.tune.epochs)
+    if cfg.tune.epochs:  # FBTA's own epoch count (fbta.epochs) would otherwise win over train.epochs
+        extra["train.epochs"] = extra["fbta.epochs"] = int(cfg.tune.epochs)
     splits = base / "splits"
     if splits.is_dir() and not (trial_dir / "splits").exists():  # a drawn split: every trial uses the same one
         shutil.copytree(splits, trial_dir / "splits")

@@ -64,6 +64,24 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def group_of(r: dict) -> str:
+    return f"{r['arch']} {r['method']}" + (f" {' '.join(r['extra'])}" if r["extra"] else "")
+
+
+def grouped(results: dict[str, dict]) -> str:
+    """Mean ± standard deviation over seeds of test AUC / ACC / F1 (and val AUC) per arch, method and switch."""
+    groups: dict[str, list[dict]] = {}
+    for r in results.values():
+        groups.setdefault(group_of(r), []).append(r)
+    lines = ["| arch, method | seeds | val AUC | test AUC | test ACC | test F1 |", "|---|---|---|---|---|---|"]
+    for key, rs in groups.items():
+        cell = lambda xs: f"{np.mean(xs):.3f} ± {np.std(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"  # noqa: E731
+        test = [r["test"][r["method"]] for r in rs]
+        lines.append(f"| {key} | {len(rs)} | {cell([r['val_auc'] for r in rs])} | {cell([t['auc'] for t in test])} | "
+                     f"{cell([t['acc'] for t in test])} | {cell([t['f1'] for t in test])} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, help="arch:method:seed[:key=value;key=value]")
@@ -83,10 +101,10 @@ def main() -> None:
         RESULTS.write_text(json.dumps({"runs": results}, indent=2))
         print(table({spec: results[spec]}), flush=True)
     print(table(results))
+    print(grouped(results))
     groups: dict[str, list[float]] = {}
     for r in results.values():
-        key = f"{r['arch']} {r['method']}" + (f" {' '.join(r['extra'])}" if r["extra"] else "")
-        groups.setdefault(key, []).append(r["test"][r["method"]]["auc"])
+        groups.setdefault(group_of(r), []).append(r["test"][r["method"]]["auc"])
     headline = "; ".join(f"{k}: test AUC {np.mean(v):.2f}±{np.std(v):.2f} (n={len(v)})" for k, v in groups.items())
     record("fbta_demo", {"runs": results, "epochs": args.epochs, "data": str(args.data)}, headline)
 

@@ -126,3 +126,15 @@ def write_history(cfg: DictConfig, folder: Path, name: str, history: list[EpochL
 def metrics_entry(scores: Any, extra: dict[str, Any]) -> dict[str, Any]:
     d = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in scores.as_dict().items()}
     return {**d, **extra}
+
+
+def log_outcome(mlrun: Any, folder: Path, best_epoch: int, best_val_f1: float, test: Any, overview: Path,
+                **metrics: float) -> None:
+    """A finished seg stage's MLflow record: best epoch, test scores, the model folder's files, the overlays."""
+    from fbta.seg.model import META, WEIGHTS
+
+    mlrun.log_metrics({"best_epoch": best_epoch, "best_val_f1": best_val_f1, **metrics,
+                       **{f"test_{k}": v for k, v in test.as_dict().items()}})
+    for f in (WEIGHTS, META, "history.csv", "config.yaml"):
+        mlrun.log_artifact(folder / f, "model")
+    mlrun.log_artifact(overview, "plots")

@@ -55,6 +55,13 @@ def held_out(cfg: DictConfig, meta: dict, folder: Path) -> tuple[str, list[BagIt
     return part, items, cohort.classes
 
 
+def variant_files(cfg: DictConfig, name: str) -> dict[str, Path]:
+    """Where a scored variant's ROC, predictions and confusion files go (written by :func:`report_variant`)."""
+    reports, plots = out_dir(cfg, "reports"), out_dir(cfg, "reports", "plots")
+    return {"roc_csv": plots / f"roc_{name}.csv", "roc_png": plots / f"roc_{name}.png",
+            "predictions": plots / f"predictions_{name}.csv", "confusion": reports / f"confusion_{name}.json"}
+
+
 def report_variant(cfg: DictConfig, variant_name: str, part: str, items: list[BagItem], classes: list[str],
                    probs: np.ndarray, meta: dict, extra: dict | None = None, fragment: str = "evaluate") -> Scores:
     """⚑ ``classification.<variant>`` into metrics.json (+ fragment), ROC/predictions/confusion files, MLflow run."""
@@ -65,27 +72,25 @@ def report_variant(cfg: DictConfig, variant_name: str, part: str, items: list[Ba
     cm = confusion_matrix(y, pred, len(classes))
     entry = {"auc": _finite(s.auc), "acc": _finite(s.acc), "f1": _finite(s.f1), "arch": meta["arch"],
              "n": s.n, "epoch": meta.get("epoch"), **(extra or {})}
-    reports = out_dir(cfg, "reports")
-    plots = out_dir(cfg, "reports", "plots")
-    publish_metrics(reports, f"{fragment}_{name}", {"classification": {name: entry}})
+    files = variant_files(cfg, name)
+    publish_metrics(out_dir(cfg, "reports"), f"{fragment}_{name}", {"classification": {name: entry}})
     roc = roc_points(y, probs, classes)
-    write_csv(plots / f"roc_{name}.csv", roc, ["fpr", "tpr", "threshold", "class"])
-    write_csv(plots / f"predictions_{name}.csv", [
+    write_csv(files["roc_csv"], roc, ["fpr", "tpr", "threshold", "class"])
+    write_csv(files["predictions"], [
         {"slide_id": it.slide_id, "actual": classes[it.label], "predicted": classes[int(q)],
          **{f"prob_{c}": float(p[i]) for i, c in enumerate(classes)}}
         for it, q, p in zip(items, pred, probs)])
-    atomic_write_text(reports / f"confusion_{name}.json", json.dumps(
+    atomic_write_text(files["confusion"], json.dumps(
         {"classes": classes, "rows": "actual", "columns": "predicted", "matrix": cm.tolist(),
          "arch": meta["arch"], "split": part}, indent=2) + "\n")
-    save_roc(roc, plots / f"roc_{name}.png", f"{name} {meta['arch']} ({part}, n={s.n}): AUC {s.auc:.3f}")
+    save_roc(roc, files["roc_png"], f"{name} {meta['arch']} ({part}, n={s.n}): AUC {s.auc:.3f}")
 
     tags = {"fbta.method": meta.get("method", ""), "fbta.arch": meta["arch"], "fbta.variant": name,
             "fbta.train_run_id": meta.get("mlflow_run_id") or "", "fbta.data_out": cfg.data.out}
     with stage_run(cfg, fragment, f"{fragment}-{name}-{meta['arch']}", tags) as mlrun:
         mlrun.log_metrics({f"{part}_auc": s.auc, f"{part}_acc": s.acc, f"{part}_f1": s.f1, f"{part}_loss": s.loss,
                            **{k: v for k, v in (extra or {}).items() if isinstance(v, (int, float))}})
-        for f in (plots / f"roc_{name}.csv", plots / f"roc_{name}.png", plots / f"predictions_{name}.csv",
-                  reports / f"confusion_{name}.json"):
+        for f in files.values():
             mlrun.log_artifact(f, "evaluation")
 
     print(f"{fragment}: {name} {meta['arch']} on {s.n} {part} slides — AUC {s.auc:.3f}, accuracy {s.acc:.3f}, "

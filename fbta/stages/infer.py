@@ -21,7 +21,7 @@ from fbta.e2e.reextract import reextract_slide, translate_slide
 from fbta.mil.train import resolve_device
 from fbta.slides.cohort import CohortError, read_labels
 from fbta.stages.common import out_dir
-from fbta.stages.evaluate import held_out, report_variant
+from fbta.stages.evaluate import held_out, report_variant, variant_files
 from fbta.stages.milrun import check_method_and_arch, model_folder, variant
 
 
@@ -78,9 +78,5 @@ def run(cfg: DictConfig) -> int:
 
 def _drop_stale(cfg: DictConfig, name: str) -> None:
     """A skipped re-extraction leaves no numbers from an earlier run (``fbta report`` rebuilds metrics.json)."""
-    reports = out_dir(cfg, "reports")
-    stale = [reports / f"confusion_{name}.json", reports / "metrics" / f"infer_{name}.json",
-             *(reports / "plots" / f"{kind}_{name}.{ext}" for kind, ext in (("roc", "csv"), ("roc", "png"),
-                                                                          ("predictions", "csv")))]
-    for path in stale:
+    for path in (*variant_files(cfg, name).values(), out_dir(cfg, "reports", "metrics") / f"infer_{name}.json"):
         path.unlink(missing_ok=True)

@@ -20,11 +20,11 @@ from fbta.config import InputError, save_config
 from fbta.io.reports import publish_metrics
 from fbta.mil.train import seed_everything
 from fbta.seg.distill import DistillOptions, fit_distill
-from fbta.seg.model import META, WEIGHTS, load_segmenter, save_segmenter
+from fbta.seg.model import META, load_segmenter, save_segmenter
 from fbta.seg.network import create_segnet
 from fbta.seg.overlays import save_test_overlays
-from fbta.seg.pipeline import check_config, describe, fit_options, metrics_entry, patch_sets, resolve_device, \
-    write_history, write_pseudo_masks
+from fbta.seg.pipeline import check_config, describe, fit_options, log_outcome, metrics_entry, patch_sets, \
+    resolve_device, write_history, write_pseudo_masks
 from fbta.seg.train import evaluate
 from fbta.stages.common import out_dir
 from fbta.status import StageReport
@@ -91,11 +91,7 @@ def run(cfg: DictConfig) -> int:
                                      "weighted_ce": bool(d.weighted_ce), "role_reversal": bool(d.role_reversal),
                                      "seconds_per_epoch": round(per_epoch, 2)})
         publish_metrics(out_dir(cfg, "reports"), "seg_distill", {"segmentation": {"student": entry}})
-        mlrun.log_metrics({"best_epoch": result.best_epoch, "best_val_f1": result.best.f1,
-                           "reversals": len(reversals), **{f"test_{k}": v for k, v in test.as_dict().items()}})
-        for f in (WEIGHTS, META, "history.csv", "config.yaml"):
-            mlrun.log_artifact(folder / f, "model")
-        mlrun.log_artifact(plots[-1], "plots")
+        log_outcome(mlrun, folder, result.best_epoch, result.best.f1, test, plots[-1], reversals=len(reversals))
     report.write(out_dir(cfg, "reports", "status") / "seg_distill.json")
     print(f"seg-distill: best epoch {result.best_epoch} (val F1 {result.best.f1:.3f}, teacher {teacher_val.f1:.3f}); "
           f"test F1 {test.f1:.3f} (teacher {teacher_test.f1:.3f}), IoU {test.iou:.3f} (teacher {teacher_test.iou:.3f}); "

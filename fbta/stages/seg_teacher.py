@@ -18,11 +18,11 @@ from omegaconf import DictConfig
 from fbta.config import save_config
 from fbta.io.reports import publish_metrics
 from fbta.mil.train import seed_everything
-from fbta.seg.model import META, WEIGHTS, save_segmenter
+from fbta.seg.model import META, save_segmenter
 from fbta.seg.network import create_segnet
 from fbta.seg.overlays import save_test_overlays
-from fbta.seg.pipeline import check_config, describe, fit_options, metrics_entry, patch_sets, resolve_device, \
-    write_history, write_pseudo_masks
+from fbta.seg.pipeline import check_config, describe, fit_options, log_outcome, metrics_entry, patch_sets, \
+    resolve_device, write_history, write_pseudo_masks
 from fbta.seg.train import evaluate, fit_teacher
 from fbta.stages.common import out_dir
 from fbta.status import StageReport
@@ -72,11 +72,7 @@ def run(cfg: DictConfig) -> int:
         entry = metrics_entry(test, {"val_f1": round(result.best.f1, 6), "epoch": result.best_epoch,
                                      "seconds_per_epoch": round(per_epoch, 2)})
         publish_metrics(out_dir(cfg, "reports"), "seg_teacher", {"segmentation": {"teacher": entry}})
-        mlrun.log_metrics({"best_epoch": result.best_epoch, "best_val_f1": result.best.f1,
-                           **{f"test_{k}": v for k, v in test.as_dict().items()}})
-        for f in (WEIGHTS, META, "history.csv", "config.yaml"):
-            mlrun.log_artifact(folder / f, "model")
-        mlrun.log_artifact(plots[-1], "plots")
+        log_outcome(mlrun, folder, result.best_epoch, result.best.f1, test, plots[-1])
     report.write(out_dir(cfg, "reports", "status") / "seg_teacher.json")
     print(f"seg-teacher: best epoch {result.best_epoch} (val F1 {result.best.f1:.3f}); test F1 {test.f1:.3f}, "
           f"IoU {test.iou:.3f}, Hausdorff {test.hausdorff:.1f} px; {per_epoch:.1f} s/epoch (training); "

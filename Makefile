@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv test test-slow demo lock clean-data serve flow-run dashboard mlflow-ui
+.PHONY: help venv test test-slow demo lock clean-data serve flow-run dashboard mlflow-ui audit
 
 help:
 	@echo "make demo       build .venv, make the demo cohort, run the pipeline (dvc repro), print results"
@@ -26,6 +26,7 @@ help:
 	@echo "make flow-run   (another shell, while serve runs) prefect deployment run 'fbta-pipeline/local' --watch"
 	@echo "make dashboard  optuna-dashboard on sqlite:///optuna.db (fbta tune studies), 127.0.0.1:$(DASHBOARD_PORT)"
 	@echo "make mlflow-ui  MLflow UI on sqlite:///mlflow.db (runs, registry aliases), 127.0.0.1:$(MLFLOW_PORT)"
+	@echo "make audit      pip-audit over requirements.lock in a throwaway venv (SECURITY.md; needs the network)"
 
 venv: $(STAMP)
 
@@ -67,8 +68,13 @@ flow-run: venv
 # Optuna studies and the MLflow store/registry, browsed locally (never the same SQLite file).
 DASHBOARD_PORT ?= 8080
 MLFLOW_PORT ?= 5000
+# a fresh checkout has no optuna.db yet: create the (empty) store first, or the dashboard crashes
 dashboard: venv
+	$(BIN)/python -c "import optuna; optuna.storages.RDBStorage('sqlite:///optuna.db')"
 	$(BIN)/optuna-dashboard sqlite:///optuna.db --host 127.0.0.1 --port $(DASHBOARD_PORT)
+
+audit:
+	PYTHON=$(PYTHON) tools/audit.sh
 
 mlflow-ui: venv
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root $(CURDIR)/mlruns \

@@ -6,6 +6,7 @@ instead of a silently ignored setting.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -124,6 +125,7 @@ class TrainCfg:
     balanced: bool = True  # class-balanced sampling (weights 1/class count, with replacement)
     seed: int = 0  # weights init, sampling order, dropout
     deterministic: bool = True  # torch.use_deterministic_algorithms
+    resume: bool = True  # a killed run continues from its last epoch (models/<variant>/resume.pt)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     preload: bool = False  # hold every bag in memory (small cohorts) instead of reading HDF5 each step
     num_workers: int = 2  # bag-reading processes when not preloaded
@@ -316,13 +318,13 @@ class FlowsCfg:
     """Prefect orchestration (flows/): how the dvc.yaml DAG is scheduled; read by no DVC stage."""
 
     per_slide: List[str] = field(default_factory=lambda: ["tile", "extract", "cluster"])  # stages fanned out per slide
-    slide_concurrency: int = 2  # per-slide tasks at once (the local task runner's thread count)
+    slide_concurrency: int = 2  # per-slide tasks at once: threads, or the temporary Dask LocalCluster's workers
     slides_per_task: int = 1  # >1: each task takes this many slides (amortises the stage's start-up on small slides)
     retries: int = 2  # retries of a per-slide task (slide reads are the flaky part)
     retry_delay_s: float = 5.0
     stage_retries: int = 0  # retries of a whole (non per-slide) stage
-    task_runner: str = "thread"  # thread | dask (prefect-dask, issue #8)
-    dask_address: Optional[str] = None  # an existing Dask scheduler, e.g. tcp://10.0.0.5:8786
+    task_runner: str = "thread"  # thread | dask (prefect-dask): where the per-slide tasks run
+    dask_address: Optional[str] = None  # dask: a scheduler, e.g. tcp://10.0.0.5:8786; None: a LocalCluster on 127.0.0.1
 
 
 @dataclass
@@ -359,14 +361,47 @@ class InputError(ValueError):
     """
 
 
-def _one_line(exc: OmegaConfBaseException, source: str) -> str:
+def suggest_key(key: str) -> Optional[str]:
+    """The schema key nearest to a mistyped dotted ``key``, mended part by part (None: nothing close).
+
+    Why part by part: ``trian.lr`` and ``train.lrr`` should both lead to
+    ``train.lr``, and a whole-string match would prefer any short key.
+    """
+    node: Any = OmegaConf.to_container(OmegaConf.structured(Config))
+    mended = []
+    for part in key.split("."):
+        if not isinstance(node, dict) or not node:
+            return None
+        if part not in node:
+            close = difflib.get_close_matches(part, [str(k) for k in node], n=1, cutoff=0.6)
+            if not close:
+                return None
+            part = close[0]
+        mended.append(part)
+        node = node[part]
+    fixed = ".".join(mended)
+    return fixed if fixed != key else None
+
+
+def _one_line(exc: OmegaConfBaseException, source: str, key_hint: str = "") -> str:
     key = getattr(exc, "full_key", None) or ""
     msg = str(exc).splitlines()[0].strip()
     if "Key '" in msg and "not in" in msg:
-        return f"{source}: unknown key '{key}'"
+        key = key_hint if key_hint.startswith(key) else key  # an override names the whole key it meant
+        near = suggest_key(key)
+        return f"{source}: unknown key '{key}'" + (f" (did you mean '{near}'?)" if near else "")
     if key:
         return f"{source}: bad value for '{key}': {msg}"
     return f"{source}: {msg}"
+
+
+def _first_leaf(tree: Any, key: str) -> str:
+    """``trian`` → ``trian.lr``: a mistyped section is reported with the first key under it."""
+    node = OmegaConf.select(tree, key, default=None) if key else None
+    while isinstance(node, DictConfig) and len(node):
+        first = next(iter(node))
+        key, node = f"{key}.{first}", node[first]
+    return key
 
 
 def load_config(params: str | Path | None = "params.yaml", overrides: Sequence[str] = ()) -> DictConfig:
@@ -382,7 +417,7 @@ def load_config(params: str | Path | None = "params.yaml", overrides: Sequence[s
             try:
                 cfg = OmegaConf.merge(cfg, loaded)
             except OmegaConfBaseException as exc:
-                raise ConfigError(_one_line(exc, str(path))) from exc
+                raise ConfigError(_one_line(exc, str(path), _first_leaf(loaded, getattr(exc, "full_key", "")))) from exc
         elif str(params) != "params.yaml":
             raise ConfigError(f"{path}: params file not found")
     for item in overrides:
@@ -391,9 +426,24 @@ def load_config(params: str | Path | None = "params.yaml", overrides: Sequence[s
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
-            raise ConfigError(_one_line(exc, f"override '{item}'")) from exc
+            raise ConfigError(_one_line(exc, f"override '{item}'", item.split("=", 1)[0].strip())) from exc
+    _refuse_env(OmegaConf.to_container(cfg, resolve=False), "")
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _refuse_env(node: Any, key: str) -> None:
+    """No ``${oc.env:…}``: every value is logged to MLflow and saved beside outputs, so an environment
+    secret interpolated into params would be copied there; tools read their own variables instead."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _refuse_env(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _refuse_env(v, f"{key}[{i}]")
+    elif isinstance(node, str) and "oc.env" in node:
+        raise ConfigError(f"'{key}': ${{oc.env:…}} is not allowed (params are logged to MLflow and saved with "
+                          "outputs); let the tool read its own environment variable, e.g. MLFLOW_TRACKING_PASSWORD")
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

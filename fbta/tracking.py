@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from fbta.config import InputError
+from fbta.io.store import redact_url, store_lock
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported anywhere through us
 
@@ -43,7 +44,7 @@ def flatten(cfg: DictConfig | Mapping[str, Any], prefix: str = "") -> dict[str, 
             items.update(flatten(v, key))
         else:
             text = json.dumps(v) if isinstance(v, (list, tuple, Mapping)) else str(v)
-            items[key] = text[:MAX_PARAM_CHARS]
+            items[key] = redact_url(text)[:MAX_PARAM_CHARS]  # a password in a store URL goes no further
     return items
 
 
@@ -79,6 +80,8 @@ class Run:
                 self._warned = True
 
     def log_params(self, params: Mapping[str, str]) -> None:
+        if not self.active:  # tracking off: not even MLflow's import (2 s) is paid
+            return
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in params.items()]
@@ -86,6 +89,8 @@ class Run:
             self._guard("params", "log_batch", params=items[i:i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        if not self.active:  # tracking off: not even MLflow's import (2 s) is paid
+            return
         import math
         import time
 
@@ -96,6 +101,8 @@ class Run:
         self._guard("metrics", "log_batch", metrics=items)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.active:  # tracking off: not even MLflow's import (2 s) is paid
+            return
         from mlflow.entities import RunTag
 
         self._guard("tags", "log_batch", tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -129,8 +136,9 @@ def stage_run(cfg: DictConfig, stage: str, run_name: str, tags: Mapping[str, Any
     try:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=t.uri)
-        exp_id = ensure_experiment(client, t.experiment, t.artifact_root)
+        with store_lock(t.uri):  # two stages starting on a fresh mlflow.db would both create its schema
+            client = MlflowClient(tracking_uri=t.uri)
+            exp_id = ensure_experiment(client, t.experiment, t.artifact_root)
         all_tags = {"fbta.stage": stage, **(tags or {})}
         commit = _git_commit()
         if commit:

@@ -17,14 +17,26 @@ How a stage runs — DVC stays the owner of the data DAG:
   cache, so ``dvc status`` is clean afterwards exactly as after ``dvc repro``.
 A slide that still fails after its retries is reported (log + a Prefect
 artifact), not fatal, unless ``run.strict`` is true in params.yaml.
+
+Scale-out (``flows.task_runner: dask``, ``prefect-dask``): the per-slide tasks run on
+Dask workers — a temporary LocalCluster of ``flows.slide_concurrency`` single-threaded
+worker processes on 127.0.0.1 (one per pipeline run, shared by its per-slide stages), or
+the scheduler at ``flows.dask_address``. Each task shells out to ``fbta <stage>`` in the
+project directory, so every worker needs the same project path (shared storage) and the
+same venv; the record pass and ``dvc commit`` stay in the flow's process. The flow code
+travels to the workers by value (cloudpickle), so ``flows/`` need not be importable there.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import shlex
+import socket
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # flows/ modules import each other by file name (deployments load them by path)
@@ -56,9 +68,20 @@ def slide_task(project: str, stage: str, cmd: str, slides: list[str], label: str
     """The stage's own command restricted to these slides; strict, so a failed slide fails — and
     retries — the task, while the slides it already finished are skipped by the stage on the retry."""
     subset = "run.slides=[" + ",".join(f"'{s}'" for s in slides) + "]"  # quoted: ids like 001 stay strings
+    get_run_logger().info("%s on %s", label, _where())
     out = sh(f"{cmd} {shlex.quote(subset)} run.strict=true run.progress=false", Path(project))
     get_run_logger().info("%s", _tail(out, 5))
     return slides
+
+
+def _where() -> str:
+    """The Dask worker (or local process) running a task: a slide that fails on one node only shows it."""
+    try:
+        from distributed import get_worker
+
+        return f"Dask worker {get_worker().address}"
+    except (ImportError, ValueError):
+        return f"pid {os.getpid()} (no Dask worker)"
 
 
 @task(name="record-stage", task_run_name="record:{stage}")
@@ -83,17 +106,148 @@ def slide_ids(project: Path, stage: str) -> list[str]:
     return [e.slide_id for e in discover(project / cfg.data.slides, project / cfg.data.labels)]
 
 
-def make_task_runner(flows_cfg: Any) -> Any:
-    """The per-slide task runner: local threads (default) or a Dask cluster (``prefect-dask``, issue #8)."""
+def make_task_runner(flows_cfg: Any, address: Optional[str] = None) -> Any:
+    """The per-slide task runner: local threads (default) or Dask (``prefect-dask``): the scheduler at
+    ``address`` / ``flows.dask_address``, else a temporary LocalCluster made by the runner itself."""
     if flows_cfg.task_runner == "thread":
         return ThreadPoolTaskRunner(max_workers=max(1, int(flows_cfg.slide_concurrency)))
     if flows_cfg.task_runner == "dask":
         try:
             from prefect_dask import DaskTaskRunner  # type: ignore[import-not-found]
         except ImportError as exc:
-            raise RuntimeError("flows.task_runner=dask needs prefect-dask (issue #8); it is not installed") from exc
-        return DaskTaskRunner(address=flows_cfg.dask_address) if flows_cfg.dask_address else DaskTaskRunner()
+            raise RuntimeError("flows.task_runner=dask needs prefect-dask (pip install -r requirements.lock)") from exc
+        _ship_flow_code_by_value()
+        address = address or flows_cfg.dask_address
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(cluster_class=start_local_cluster, cluster_kwargs=local_cluster_kwargs(flows_cfg))
     raise ValueError(f"params.yaml: flows.task_runner must be thread or dask, not {flows_cfg.task_runner!r}")
+
+
+def local_cluster_kwargs(flows_cfg: Any) -> dict[str, Any]:
+    """One single-threaded worker process per concurrent slide task; scheduler, workers and the
+    HTTP/dashboard port on 127.0.0.1 (a random port: no clash with another cluster's 8787)."""
+    return {"n_workers": max(1, int(flows_cfg.slide_concurrency)), "threads_per_worker": 1, "processes": True,
+            "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
+
+
+_DASK_THREAD_CAPS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def start_local_cluster(**kwargs: Any) -> Any:
+    """A ``distributed.LocalCluster`` whose workers run stage commands as the thread runner does.
+
+    Dask's nanny caps OMP/MKL/OpenBLAS at 1 thread for its workers — and for the stage processes
+    they start — by writing them into *this* process's environment before spawning; here those caps
+    are not set and the environment is restored, so the stages (and later ones) keep their threads.
+    """
+    import dask
+    import distributed
+
+    saved = dict(os.environ)
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": None for k in _DASK_THREAD_CAPS}):
+            return distributed.LocalCluster(**kwargs)
+    finally:  # key by key: never an empty environment for another thread starting a process
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+
+@contextmanager
+def open_task_runner(flows_cfg: Any) -> Iterator[Any]:
+    """The runner for one pipeline run: with Dask and no address, one LocalCluster serves all its
+    per-slide stages (workers start once, not once per stage) and is shut down afterwards."""
+    if flows_cfg.task_runner == "dask" and not flows_cfg.dask_address:
+        with start_local_cluster(**local_cluster_kwargs(flows_cfg)) as cluster:
+            get_run_logger().info("Dask: temporary LocalCluster at %s, %d worker process(es)",
+                                  cluster.scheduler_address, len(cluster.workers))
+            yield make_task_runner(flows_cfg, cluster.scheduler_address)
+        return
+    yield make_task_runner(flows_cfg)
+
+
+def check_dask(flows_cfg: Any, api_url: str) -> None:
+    """Before any stage runs: the Prefect API reachable by the workers and the scheduler at
+    ``flows.dask_address`` answering — each failure one line naming the setting."""
+    check_api_reachable(flows_cfg, api_url)
+    if flows_cfg.dask_address:
+        check_scheduler(flows_cfg.dask_address)
+
+
+def check_scheduler(address: str, timeout_s: float = 10.0) -> None:
+    """Fail in one line when nothing listens at ``flows.dask_address`` (Dask would retry for 30 s, then
+    raise deep inside the first task submission)."""
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
+
+    protocol, loc = parse_address(address)
+    if protocol not in ("tcp", "tls"):
+        return
+    host, port = parse_host_port(loc)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RuntimeError(f"params.yaml: flows.dask_address={address}: no Dask scheduler answers there "
+                           f"({exc.strerror or exc})") from None
+
+
+def _is_loopback(host: Optional[str]) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host or "localhost")).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def check_api_reachable(flows_cfg: Any, api_url: str) -> None:
+    """Workers on other hosts cannot report to a Prefect API on this host's loopback (the ephemeral
+    server, ``make serve``): refuse that pairing instead of losing their task runs and logs."""
+    from urllib.parse import urlsplit
+
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
+
+    address = flows_cfg.dask_address
+    if not address or parse_address(address)[0] not in ("tcp", "tls"):
+        return
+    if not _is_loopback(parse_host_port(parse_address(address)[1])[0]) and _is_loopback(urlsplit(api_url).hostname):
+        raise RuntimeError(
+            f"params.yaml: flows.dask_address={address} is another host, but the Prefect API {api_url} "
+            "is only reachable on this one: start `prefect server start --host <this host's address>` "
+            "and set PREFECT_API_URL=http://<this host's address>:4200/api")
+
+
+@contextmanager
+def workers_report_here(api_url: str) -> Iterator[None]:
+    """Pin the Prefect API URL in the settings that travel with every Dask task, so workers report task
+    runs and logs to this flow's server — without it, a flow on Prefect's ephemeral server leaves the
+    URL unset and each worker process starts its own throw-away server (and database)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        yield
+
+
+def _flow_api_url() -> str:
+    """The Prefect API this flow run reports to (PREFECT_API_URL, or the ephemeral server it started)."""
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value() or FlowRunContext.get().client.api_url).rstrip("/")
+
+
+def _ship_flow_code_by_value() -> None:
+    """Pickle this module and flows/dag.py by value: Dask workers (a remote ``dask worker`` included)
+    cannot import them by name — ``flows/`` is not a package and not on their path."""
+    import cloudpickle
+
+    import dag
+
+    for mod in (sys.modules.get(__name__), dag):
+        if mod is not None and mod.__name__ != "__main__":  # __main__ already travels by value
+            cloudpickle.register_pickle_by_value(mod)
 
 
 @flow(name="fbta-per-slide", flow_run_name="{stage}")
@@ -139,29 +293,45 @@ def pipeline_flow(project: str = str(DEFAULT_PROJECT), targets: Optional[list[st
     cfg = load_config(root / "params.yaml")
     stages: list[Stage] = load_dag(root, targets or ())
     logger.info("DAG from %s/dvc.yaml: %s", root, " → ".join(s.name for s in stages))
-    runner = make_task_runner(cfg.flows)
+    make_task_runner(cfg.flows)  # an unknown flows.task_runner, or dask without prefect-dask, fails here
+    if cfg.flows.task_runner == "dask" and any(s.name in cfg.flows.per_slide for s in stages):
+        check_dask(cfg.flows, _flow_api_url())
     results: dict[str, str] = {}
-    for st in stages:
-        if st.name not in cfg.flows.per_slide:
-            task_ = repro_stage.with_options(retries=cfg.flows.stage_retries)
-            results[st.name] = task_(str(root), st.name)
-            continue
-        changes = stage_changes(root, st.name)
-        if not changes:
-            results[st.name] = "up to date"
-            logger.info("%s: up to date (dvc status)", st.name)
-        elif outputs_only_changed(changes):  # inputs as recorded: let DVC restore or re-run it
-            results[st.name] = repro_stage(str(root), st.name)
-        else:
-            ids = slide_ids(root, st.name)
-            sub = per_slide_flow.with_options(task_runner=runner)
-            status_file = root / cfg.data.out / "reports" / "status" / f"{st.name}.json"
-            outcome = sub(str(root), st.name, st.cmd, ids, str(status_file), cfg.flows.retries,
-                          cfg.flows.retry_delay_s, cfg.flows.slides_per_task)
-            results[st.name] = f"{len(outcome['done'])} slides done, {len(outcome['failed'])} failed" + (
-                f" ({', '.join(outcome['failed'])})" if outcome["failed"] else "")
-        logger.info("%s: %s", st.name, results[st.name])
+    last_fan_out = max((i for i, s in enumerate(stages) if s.name in cfg.flows.per_slide), default=-1)
+    with ExitStack() as held:  # the per-slide task runner (a temporary Dask cluster too): first use → last stage
+        runner: Any = None
+        for i, st in enumerate(stages):
+            if i > last_fan_out:
+                held.close()  # no idle Dask workers while training
+            if st.name not in cfg.flows.per_slide:
+                task_ = repro_stage.with_options(retries=cfg.flows.stage_retries)
+                results[st.name] = task_(str(root), st.name)
+                continue
+            changes = stage_changes(root, st.name)
+            if not changes:
+                results[st.name] = "up to date"
+                logger.info("%s: up to date (dvc status)", st.name)
+            elif outputs_only_changed(changes):  # inputs as recorded: let DVC restore or re-run it
+                results[st.name] = repro_stage(str(root), st.name)
+            else:
+                runner = runner or held.enter_context(open_task_runner(cfg.flows))
+                results[st.name] = _fan_out(root, cfg, st, runner)
+            logger.info("%s: %s", st.name, results[st.name])
     return results
+
+
+def _fan_out(root: Path, cfg: Any, st: Stage, runner: Any) -> str:
+    """One stale per-slide stage through ``per_slide_flow`` on ``runner``; its one-line outcome."""
+    ids = slide_ids(root, st.name)
+    sub = per_slide_flow.with_options(task_runner=runner)
+    status_file = root / cfg.data.out / "reports" / "status" / f"{st.name}.json"
+    with ExitStack() as ctx:
+        if cfg.flows.task_runner == "dask":
+            ctx.enter_context(workers_report_here(_flow_api_url()))
+        outcome = sub(str(root), st.name, st.cmd, ids, str(status_file), cfg.flows.retries,
+                      cfg.flows.retry_delay_s, cfg.flows.slides_per_task)
+    return f"{len(outcome['done'])} slides done, {len(outcome['failed'])} failed" + (
+        f" ({', '.join(outcome['failed'])})" if outcome["failed"] else "")
 
 
 if __name__ == "__main__":

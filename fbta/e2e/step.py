@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from fbta.e2e.augment import Augment
 from fbta.e2e.pseudobags import PseudoBag

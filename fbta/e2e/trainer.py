@@ -21,6 +21,7 @@ from fbta.e2e.step import FBTAModels, StepOptions, fbta_step
 from fbta.features.registry import Extractor
 from fbta.mil.data import BagDataset
 from fbta.mil.metrics import Scores, score
+from fbta.mil.resume import Resumable, history_from_json
 from fbta.mil.train import Epoch, FitResult, _better, predict
 
 EMA_EVERY = ("epoch", "step")
@@ -110,10 +111,13 @@ def _snapshot(m: FBTAModels) -> dict[str, dict[str, torch.Tensor]]:
 
 def fit_fbta(m: FBTAModels, train: PseudoBags, val: BagDataset, classes: list[str], o: FBTAOptions,
              device: torch.device,
-             on_epoch: Callable[[Epoch, Optional[dict[str, dict[str, torch.Tensor]]]], None] | None = None) -> FitResult:
+             on_epoch: Callable[[Epoch, Optional[dict[str, dict[str, torch.Tensor]]]], None] | None = None,
+             resume: Optional[Resumable] = None) -> FitResult:
     """Train in place; ``on_epoch(epoch, best_states_or_None)`` after every epoch (states only when improved).
 
-    ``best_states`` = ``{"mil": MIL*, "translator": f_T, "extractor": TFE*}`` state dicts.
+    ``best_states`` = ``{"mil": MIL*, "translator": f_T, "extractor": TFE*}`` state dicts; ``resume``
+    saves the run after every epoch and continues a killed one (subsets are seeded per epoch, so the
+    pseudo-bags it sees are those of an uninterrupted run).
     """
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"training needs train and validation slides (got {len(train)} and {len(val)})")
@@ -125,14 +129,27 @@ def fit_fbta(m: FBTAModels, train: PseudoBags, val: BagDataset, classes: list[st
         mod.to(device)
     optimiser = _optimiser(m, o)
     plan = EpochPlan(train.labels, o.seed, o.balanced)
+    # the loader's own generator: worker seeds must not draw from the global RNG that dropout uses, or a
+    # resumed run (whose persistent workers start at a later epoch) would drift from an uninterrupted one
     loader = DataLoader(train, batch_size=None, sampler=plan, num_workers=o.num_workers,
                         persistent_workers=o.num_workers > 0, prefetch_factor=o.prefetch if o.num_workers > 0 else None,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(o.seed + 3))
     gen = torch.Generator().manual_seed(o.seed + 2)  # augmentation draws, apart from dropout's global RNG
     history: list[Epoch] = []
     best_scores: Optional[Scores] = None
-    best_epoch, best_states, since_best = 0, _snapshot(m), 0
-    bar = tqdm(range(o.epochs), desc="train fbta", unit="epoch", disable=not o.progress, dynamic_ncols=True)
+    best_epoch, best_states, since_best, start = 0, _snapshot(m), 0, 0
+    if resume is not None:
+        resume.track({"mil": m.mil, "translator": m.translator, "tfe": m.tfe, "mil_ema": m.mil_ema,
+                      "tfe_ema": m.tfe_ema}, {"adam": optimiser}, {"augment": gen})
+        done = resume.restore()
+        if done is not None:
+            history, best_epoch, best_states = history_from_json(done["history"]), done["best_epoch"], done["best_state"]
+            best_scores, since_best, start = history[best_epoch].val, done["since_best"], done["epoch"] + 1
+            if since_best >= o.patience:  # it was killed after its last epoch
+                start = o.epochs
+    resumed_from = start
+    bar = tqdm(range(start, o.epochs), desc="train fbta", unit="epoch", disable=not o.progress,
+               dynamic_ncols=True, initial=start, total=o.epochs)
     for epoch in bar:
         t_epoch = time.perf_counter()
         plan.set_epoch(epoch)
@@ -168,7 +185,9 @@ def fit_fbta(m: FBTAModels, train: PseudoBags, val: BagDataset, classes: list[st
                         val_auc=f"{val_scores.auc:.3f}", best=best_epoch)
         if on_epoch is not None:
             on_epoch(record, best_states if improved else None)
+        if resume is not None:
+            resume.save(epoch, history, best_epoch, best_states, since_best)
         if since_best >= o.patience:
             break
     bar.close()
-    return FitResult(history, best_epoch, best_states, o.epochs)  # type: ignore[arg-type]
+    return FitResult(history, best_epoch, best_states, o.epochs, resumed_from)  # type: ignore[arg-type]

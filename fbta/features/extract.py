@@ -77,12 +77,36 @@ def extract_patches(
     use_amp = amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     start = 0
-    for batch in loader:
-        x = extractor.preprocess(batch.to(device, non_blocking=True))
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            feats = extractor(x)
-        out[start : start + len(batch)] = feats.float().cpu().numpy()
-        start += len(batch)
-        if on_batch is not None:
-            on_batch(len(batch))
+    try:
+        for batch in loader:
+            x = extractor.preprocess(batch.to(device, non_blocking=True))
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                feats = extractor(x)
+            out[start : start + len(batch)] = feats.float().cpu().numpy()
+            start += len(batch)
+            if on_batch is not None:
+                on_batch(len(batch))
+    except Exception as exc:
+        one_line = _from_worker(exc)
+        if one_line is exc:
+            raise
+        raise one_line from exc
     return out
+
+
+def _from_worker(exc: Exception) -> Exception:
+    """A DataLoader worker's error as its own one-line message, not torch's wrapped traceback.
+
+    Why: a corrupt tile found by a worker is a per-slide failure; its reason goes
+    into the stage report and on one stderr line, which the traceback would break.
+    """
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return exc
+    last = text.rstrip().splitlines()[-1]
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    msg = last[len(name):] if last.startswith(name) else last
+    try:
+        return type(exc)(msg)
+    except Exception:  # noqa: BLE001 - an exception type with another constructor
+        return RuntimeError(msg)

@@ -148,8 +148,10 @@ def create_extractor(
     ``weights``: ``None`` (the entry's default chain), a checkpoint path, or
     ``"random"`` / ``"random:<seed>"``.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown extractor {name!r}; available: {', '.join(list_extractors())}")
+    if name not in _REGISTRY:  # a ConfigError (a ValueError): a typo in extract.model is one line, exit 2
+        from fbta.config import ConfigError
+
+        raise ConfigError(f"unknown extractor {name!r}; available: {', '.join(list_extractors())}")
     ext = _REGISTRY[name](weights, trainable)
     ext.set_trainable(trainable)
     return ext.to(device)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from fbta.config import InputError
+
 StateDict = dict[str, Tensor]
 #: A package loader returns (state dict in timm's names, weights_id), or ``None`` when
 #: its package is not installed.
@@ -40,8 +43,14 @@ CKPT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _OFFLINE_FLAGS = ("FBTA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
-class WeightsError(RuntimeError):
-    """Weights missing, unreadable or not fitting the architecture (one clear message)."""
+class WeightsError(InputError, RuntimeError):
+    """Weights missing, unreadable or not fitting the architecture (one clear message; exit code 2 from the CLI)."""
+
+
+def unpickling_refusal(exc: BaseException) -> str:
+    """What ``weights_only`` loading refused, in a few words (torch's own text is a multi-line how-to)."""
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+    return f"a pickled Python object ({found.group(1)})" if found else "pickled Python objects"
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,12 @@ def load_checkpoint(path: str | os.PathLike[str], name: str = "extractor") -> St
     else:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, ValueError) as exc:
+        except pickle.UnpicklingError as exc:
+            raise WeightsError(
+                f"{name}: {p} is not a plain state dict: it holds {unpickling_refusal(exc)}, which weights_only "
+                "loading refuses to run. Save it with torch.save(model.state_dict(), path)."
+            ) from exc
+        except (RuntimeError, AttributeError, EOFError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise WeightsError(
                 f"{name}: {p} is not a plain state dict and was refused by weights_only loading "

@@ -7,23 +7,40 @@ counts as complete only if it opens, has its datasets and carries the
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import h5py
 import numpy as np
 
-from fbta.io.atomic import atomic_path
+from fbta.io.atomic import atomic_write_bytes
+
+
+@contextlib.contextmanager
+def _new_h5(dest: Path) -> Iterator[h5py.File]:
+    """An HDF5 file built in memory, then written to ``dest`` atomically in one plain write.
+
+    Why not let HDF5 write the file itself: after a failed write (disk full,
+    file-size or quota limit) the HDF5 library retries its flush on close and
+    can crash the process; a plain write of finished bytes fails cleanly with an
+    ``OSError`` the stage turns into one clear message. Per-slide files are
+    small (N patches × D floats), so holding one in memory costs little.
+    """
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        yield f
+    atomic_write_bytes(dest, buf.getbuffer())
 
 
 def write_coords(dest: Path, coords: np.ndarray, attrs: Mapping[str, Any]) -> None:
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-    with atomic_path(dest) as tmp:
-        with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset("coords", data=coords, maxshape=(None, 2), track_times=False)
-            for k, v in attrs.items():
-                ds.attrs[k] = v
-            f.attrs["fbta_complete"] = True
+    with _new_h5(dest) as f:
+        ds = f.create_dataset("coords", data=coords, maxshape=(None, 2), track_times=False)
+        for k, v in attrs.items():
+            ds.attrs[k] = v
+        f.attrs["fbta_complete"] = True
 
 
 def read_coords(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
@@ -71,15 +88,14 @@ def write_features(dest: Path, features: np.ndarray, coords: np.ndarray, attrs: 
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     if len(features) != len(coords):
         raise ValueError(f"{dest}: {len(features)} features for {len(coords)} coords")
-    with atomic_path(dest) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=features, track_times=False)
-            c = f.create_dataset("coords", data=coords, track_times=False)
-            for k, v in (coords_attrs or {}).items():
-                c.attrs[k] = v
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            f.attrs["fbta_complete"] = True
+    with _new_h5(dest) as f:
+        f.create_dataset("features", data=features, track_times=False)
+        c = f.create_dataset("coords", data=coords, track_times=False)
+        for k, v in (coords_attrs or {}).items():
+            c.attrs[k] = v
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.attrs["fbta_complete"] = True
 
 
 def read_features(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -133,10 +149,9 @@ def clusters_complete(path: Path, expect: Mapping[str, Any]) -> bool:
 
 def write_clusters(dest: Path, labels: np.ndarray, centroids: np.ndarray, attrs: Mapping[str, Any]) -> None:
     """clusters/<model>/<slide_id>.h5: per-patch ``labels`` (coords order) and ``centroids``."""
-    with atomic_path(dest) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("labels", data=labels.astype(np.int32), track_times=False)
-            f.create_dataset("centroids", data=centroids.astype(np.float32), track_times=False)
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            f.attrs["fbta_complete"] = True
+    with _new_h5(dest) as f:
+        f.create_dataset("labels", data=labels.astype(np.int32), track_times=False)
+        f.create_dataset("centroids", data=centroids.astype(np.float32), track_times=False)
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.attrs["fbta_complete"] = True

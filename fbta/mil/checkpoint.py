@@ -8,12 +8,14 @@ it (epoch, validation AUC, the exact split) lives in human-readable JSON.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fbta.config import InputError
+from fbta.features.weights import unpickling_refusal
 from fbta.io.atomic import atomic_path, atomic_write_text
 from fbta.mil.registry import MILHead, create_mil
 
@@ -58,13 +60,31 @@ def load_weights(module: torch.nn.Module, path: Path, device: torch.device | str
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: {what} weights missing") from None
-    except Exception as exc:  # noqa: BLE001 - pickled code refused by weights_only, truncated files, …
-        raise CheckpointError(f"{path}: not a loadable state dict ({str(exc).splitlines()[0]})") from None
+    except pickle.UnpicklingError as exc:  # pickled code or objects: weights_only refuses to run them
+        raise CheckpointError(f"{path}: not a plain state dict: it holds {unpickling_refusal(exc)}, which "
+                              "weights_only loading refuses to run; re-save it with torch.save(model.state_dict(), "
+                              "path)") from None
+    except Exception as exc:  # noqa: BLE001 - truncated files, not a torch file at all, …
+        raise CheckpointError(f"{path}: not a loadable torch checkpoint, truncated or corrupt "
+                              f"({type(exc).__name__}: {_first_sentence(exc)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        inner = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None) \
+            if isinstance(state, dict) else None
+        kind = f"a dict whose '{inner}' is not a tensor" if inner is not None else f"a {type(state).__name__}"
+        raise CheckpointError(f"{path}: not a plain state dict ({kind}); save model.state_dict() itself")
     try:
         module.load_state_dict(state)
     except (RuntimeError, AttributeError, TypeError) as exc:
-        raise CheckpointError(f"{path}: does not fit the {what} ({str(exc).splitlines()[0]})") from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:] if lines[0].startswith("Error(s) in loading") else lines[:1])
+        detail = detail if len(detail) <= 240 else detail[:240] + "…"
+        raise CheckpointError(f"{path}: does not fit the {what} ({detail})") from None
     return module.to(device).eval()
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or "no message"
+    return text.split(". ")[0].rstrip(".")
 
 
 def load_head(folder: Path, device: torch.device | str = "cpu") -> tuple[MILHead, dict[str, Any]]:

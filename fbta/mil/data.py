@@ -16,9 +16,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fbta.config import InputError
 from fbta.io.h5 import feature_files, read_features
 from fbta.mil.splits import Split
 from fbta.slides.cohort import CohortError, SlideEntry
+
+
+FINITE_CHUNK = 65536  # rows read at once by the NaN/inf check
+
+
+class FeaturesError(InputError):
+    """A feature file that must not be trained or scored on (NaN/inf); the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,8 @@ def feature_stats(items: Sequence[BagItem]) -> tuple[np.ndarray, np.ndarray]:
     total, sq, n = 0.0, 0.0, 0
     for it in items:
         feats, _, _ = read_features(it.path)
+        if not np.isfinite(feats).all():
+            raise FeaturesError(f"{it.path}: features contain NaN or inf; re-extract this slide")
         f = feats.astype(np.float64)
         total, sq, n = total + f.sum(0), sq + (f * f).sum(0), n + len(f)
     if n == 0:
@@ -64,12 +74,24 @@ def feature_stats(items: Sequence[BagItem]) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), np.maximum(std, max(float(np.median(std)), 1e-6)).astype(np.float32)
 
 
-def bag_shape(path: Path) -> tuple[int, int]:
-    """(N, D) of a feature file without reading the features."""
+def bag_shape(path: Path, check_finite: bool = False) -> tuple[int, int]:
+    """(N, D) of a feature file; with ``check_finite``, also refuse NaN/inf (read in row chunks).
+
+    Why check up front: one NaN feature turns every loss and gradient it touches
+    into NaN, so a bag with one must be left out before training starts.
+    """
     with h5py.File(path, "r") as f:
         if "features" not in f:
             raise KeyError("no 'features' dataset")
-        shape = f["features"].shape
+        ds = f["features"]
+        shape = ds.shape
+        if check_finite and len(shape) in (2, 3):
+            for start in range(0, shape[0], FINITE_CHUNK):
+                bad = ~np.isfinite(np.asarray(ds[start:start + FINITE_CHUNK], dtype=np.float32))
+                if bad.any():
+                    first = start + int(np.flatnonzero(bad.reshape(len(bad), -1).any(1))[0])
+                    raise FeaturesError(f"{path}: features contain NaN or inf (first in row {first}); "
+                                        "re-extract this slide")
     if len(shape) == 3 and shape[1] == 1:
         return int(shape[0]), int(shape[2])
     if len(shape) != 2:
@@ -84,24 +106,29 @@ def build_cohort(entries: Mapping[str, SlideEntry], split: Split, classes: Seque
     index = {c: i for i, c in enumerate(classes)}
     parts: dict[str, list[BagItem]] = {"train": [], "val": [], "test": []}
     missing: dict[str, str] = {}
-    dims: dict[int, str] = {}
+    dims: dict[int, list[str]] = {}
     for sid, part in sorted(split.assignment.items()):
         if sid not in files:
             missing[sid] = f"no feature file in {features_folder}"
             continue
         try:
-            n, d = bag_shape(files[sid])
+            n, d = bag_shape(files[sid], check_finite=True)
+        except FeaturesError as exc:
+            missing[sid] = str(exc)
+            continue
         except (OSError, KeyError, ValueError) as exc:
             missing[sid] = f"{files[sid]}: unreadable features ({exc})"
             continue
         if n == 0:
             missing[sid] = f"{files[sid]}: empty bag (no patches)"
             continue
-        dims.setdefault(d, sid)
+        dims.setdefault(d, []).append(sid)
         parts[part].append(BagItem(sid, files[sid], index[entries[sid].label], n))  # type: ignore[index]
-    if len(dims) > 1:
-        raise CohortError(f"{features_folder}: feature files disagree on the feature size: "
-                          + ", ".join(f"{d} ({sid}, …)" for d, sid in dims.items()))
+    if len(dims) > 1:  # which size is right is the user's call: name the odd files, train on none
+        by_count = sorted(dims.items(), key=lambda kv: -len(kv[1]))
+        raise CohortError(f"{features_folder}: feature files disagree on the feature size: " + "; ".join(
+            f"{d}-d in {len(ids)} file(s) ({', '.join(ids[:3])}{', …' if len(ids) > 3 else ''})"
+            for d, ids in by_count) + "; re-extract the odd ones with one extractor")
     if not dims:
         raise CohortError(f"{features_folder}: none of the {len(split.assignment)} labelled slides has "
                           f"features; run `fbta extract` or set data.features")
@@ -121,8 +148,8 @@ class BagDataset(Dataset):
     @staticmethod
     def _read(item: BagItem) -> torch.Tensor:
         feats, _, _ = read_features(item.path)
-        if not np.isfinite(feats).all():
-            raise ValueError(f"{item.path}: features contain NaN or inf")
+        if not np.isfinite(feats).all():  # changed since build_cohort checked it
+            raise FeaturesError(f"{item.path}: features contain NaN or inf; re-extract this slide")
         return torch.from_numpy(feats)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

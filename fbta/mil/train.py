@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomS
 from fbta.mil.data import BagDataset
 from fbta.mil.metrics import Scores, score
 from fbta.mil.registry import MILHead
+from fbta.mil.resume import Resumable, history_from_json
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -103,6 +104,7 @@ class FitResult:
     best_epoch: int
     best_state: dict[str, torch.Tensor]  # the weights to deploy (EMA weights when EMA is on)
     planned_epochs: int
+    resumed_from: int = 0  # first epoch this process ran (> 0: the earlier ones came from resume.pt)
 
     @property
     def best(self) -> Epoch:
@@ -153,11 +155,13 @@ def _better(val: Scores, best: Optional[Scores]) -> bool:
 
 
 def fit(model: MILHead, train: BagDataset, val: BagDataset, opts: FitOptions, device: torch.device,
-        on_epoch: Callable[[Epoch, Optional[dict[str, torch.Tensor]]], None] | None = None) -> FitResult:
+        on_epoch: Callable[[Epoch, Optional[dict[str, torch.Tensor]]], None] | None = None,
+        resume: Optional[Resumable] = None) -> FitResult:
     """Train ``model`` in place; ``on_epoch(epoch, best_state_or_None)`` runs after every epoch.
 
     ``best_state`` is passed only when the epoch improved, so the caller can
-    checkpoint at once (a killed run keeps its best model so far).
+    checkpoint at once (a killed run keeps its best model so far); ``resume``
+    saves the whole run after every epoch and continues a killed one.
     """
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"training needs train and validation slides (got {len(train)} and {len(val)})")
@@ -169,14 +173,25 @@ def fit(model: MILHead, train: BagDataset, val: BagDataset, opts: FitOptions, de
     loss_fn = nn.CrossEntropyLoss()
     # own generators for the sampling order and the loader's worker seeds, so that neither draws from the
     # global RNG that dropout uses: in-memory and worker-streamed bags then give the same run
+    sample_gen, loader_gen = torch.Generator().manual_seed(opts.seed), torch.Generator().manual_seed(opts.seed + 1)
     loader = DataLoader(train, batch_size=None, num_workers=opts.num_workers,
-                        sampler=make_sampler(train.labels, opts.balanced, torch.Generator().manual_seed(opts.seed)),
-                        generator=torch.Generator().manual_seed(opts.seed + 1),
+                        sampler=make_sampler(train.labels, opts.balanced, sample_gen), generator=loader_gen,
                         pin_memory=device.type == "cuda", persistent_workers=opts.num_workers > 0)
     history: list[Epoch] = []
     best_scores: Optional[Scores] = None
-    best_epoch, best_state, since_best = 0, {}, 0
-    bar = tqdm(range(opts.epochs), desc="train", unit="epoch", disable=not opts.progress, dynamic_ncols=True)
+    best_epoch, best_state, since_best, start = 0, {}, 0, 0
+    if resume is not None:
+        resume.track({"model": model, **({"ema": ema.model} if ema is not None else {})}, {"adam": optimiser},
+                     {"sampler": sample_gen, "loader": loader_gen})
+        done = resume.restore()
+        if done is not None:
+            history, best_epoch, best_state = history_from_json(done["history"]), done["best_epoch"], done["best_state"]
+            best_scores, since_best, start = history[best_epoch].val, done["since_best"], done["epoch"] + 1
+            if since_best >= opts.patience:  # it was killed after its last epoch
+                start = opts.epochs
+    resumed_from = start
+    bar = tqdm(range(start, opts.epochs), desc="train", unit="epoch", disable=not opts.progress,
+               dynamic_ncols=True, initial=start, total=opts.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
@@ -210,7 +225,9 @@ def fit(model: MILHead, train: BagDataset, val: BagDataset, opts: FitOptions, de
                         val_loss=f"{val_scores.loss:.3f}", best=best_epoch)
         if on_epoch is not None:
             on_epoch(record, best_state if improved else None)
+        if resume is not None:
+            resume.save(epoch, history, best_epoch, best_state, since_best)
         if since_best >= opts.patience:
             break
     bar.close()
-    return FitResult(history, best_epoch, best_state, opts.epochs)
+    return FitResult(history, best_epoch, best_state, opts.epochs, resumed_from)

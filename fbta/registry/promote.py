@@ -8,6 +8,12 @@ candidate takes ``@champion`` and the old champion takes ``@previous``; a
 rejected one is tagged ``fbta.decision=rejected`` with the reason and no alias
 moves. Read-compare-set runs under an exclusive file lock beside the store, so
 two registrations at once cannot both believe they beat the same champion.
+The lock is a ``flock``: it works between processes, and the kernel drops it
+when its holder dies, so a killed registration leaves no stale lock (the empty
+lock file stays and is harmless). It spans only processes that see the same
+lock file: beside a SQLite store that is every process using that store; for a
+server store (``http://``, PostgreSQL) it is the ``fallback_dir`` given, i.e.
+one machine's registrations into one output folder.
 """
 from __future__ import annotations
 

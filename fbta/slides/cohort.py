@@ -36,23 +36,23 @@ class SlideEntry:
 def read_labels(csv_path: str | Path, slides_dir: str | Path) -> dict[str, SlideEntry]:
     """Parse and validate labels.csv; slide paths resolved inside ``slides_dir``."""
     csv_path, slides_dir = Path(csv_path), Path(slides_dir)
-    try:
-        text = csv_path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CohortError(f"{csv_path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV") from exc
+    text = _utf8_text(csv_path)
     rows = list(csv.DictReader(text.splitlines()))
     header = rows[0].keys() if rows else next(csv.reader(text.splitlines()), [])
     missing = [c for c in REQUIRED if c not in header]
     if missing:
         raise CohortError(f"{csv_path}: missing column(s) {', '.join(missing)} (need slide_id,label)")
     entries: dict[str, SlideEntry] = {}
+    first_line: dict[str, int] = {}
     for i, row in enumerate(rows, start=2):
         sid = (row.get("slide_id") or "").strip()
         where = f"{csv_path}:{i}"
         if not sid:
             raise CohortError(f"{where}: empty slide_id")
         if sid in entries:
-            raise CohortError(f"{where}: duplicate slide_id '{sid}'")
+            raise CohortError(f"{where}: duplicate slide_id '{sid}' (first on line {first_line[sid]}); "
+                              "one row per slide")
+        first_line[sid] = i
         label = (row.get("label") or "").strip() or None
         split = (row.get("split") or "").strip() or None
         if split is not None and split not in SPLITS:
@@ -66,6 +66,19 @@ def read_labels(csv_path: str | Path, slides_dir: str | Path) -> dict[str, Slide
             mpp=_number(row.get("mpp"), float, "mpp", where),
         )
     return entries
+
+
+def _utf8_text(csv_path: Path) -> str:
+    """The CSV's text; anything but UTF-8 is refused with the line and byte, since a guess could mangle ids."""
+    raw = csv_path.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or (b"\x00" in raw[:4096]):
+        raise CohortError(f"{csv_path}: UTF-16 text, not UTF-8; save it as UTF-8 CSV")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise CohortError(f"{csv_path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start}, perhaps Latin-1/Windows-1252); save it as UTF-8 CSV") from None
 
 
 def _number(raw: Optional[str], kind: type, name: str, where: str):  # -> int | float | None

@@ -1,11 +1,15 @@
 """Plumbing shared by stage runners: output paths and progress bars."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Iterable, TypeVar
+from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
 
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from fbta.status import StageReport
 
 T = TypeVar("T")
 
@@ -13,7 +17,13 @@ T = TypeVar("T")
 def out_dir(cfg: DictConfig, *parts: str) -> Path:
     """A folder under ``data.out`` (created)."""
     p = Path(cfg.data.out, *parts)
-    p.mkdir(parents=True, exist_ok=True)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from fbta.io.lock import raise_if_storage
+
+        raise_if_storage(exc, p)
+        raise
     return p
 
 
@@ -61,3 +71,23 @@ def only_slides(cfg: DictConfig, slide_ids: Iterable[str], source: str) -> set[s
 
         raise ConfigError(f"run.slides: unknown slide id(s) {', '.join(unknown)} (not in {source})")
     return set(wanted)
+
+
+@contextlib.contextmanager
+def stop_on_storage_error(report: "StageReport", cfg: DictConfig, folder: Path) -> Iterator[None]:
+    """Around a per-slide loop: a full, read-only or forbidden output folder ends the stage in one line.
+
+    The per-slide report is saved first if it still fits (on a full disk it may not;
+    that must not hide why the stage stopped).
+    """
+    from fbta.io.lock import StorageError, raise_if_storage
+
+    try:
+        yield
+    except StorageError:
+        with contextlib.suppress(OSError):
+            report.write(out_dir(cfg, "reports", "status") / f"{report.stage}.json")
+        raise
+    except OSError as exc:  # e.g. the lock beside an output could not be made
+        raise_if_storage(exc, folder, report.stage)
+        raise

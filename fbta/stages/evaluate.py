@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from fbta.mil.metrics import Scores, confusion_matrix, roc_points, score
 from fbta.mil.plots import save_roc
 from fbta.mil.train import predict, resolve_device
 from fbta.slides.cohort import CohortError
-from fbta.stages.common import out_dir
+from fbta.stages.common import features_dir, out_dir
 from fbta.stages.milrun import check_method_and_arch, load_cohort, model_folder, variant
 from fbta.tracking import stage_run
 
@@ -44,6 +45,12 @@ def held_out(cfg: DictConfig, meta: dict, folder: Path) -> tuple[str, list[BagIt
     split, cohort = load_cohort(cfg)
     if list(meta["classes"]) != cohort.classes:
         raise CheckpointError(f"{folder}: model classes {meta['classes']} differ from labels.csv's {cohort.classes}")
+    if int(meta["in_dim"]) != cohort.in_dim:
+        raise CheckpointError(f"{features_dir(cfg)}: {cohort.in_dim}-d features, but the model in {folder} was "
+                              f"trained on {meta['in_dim']}-d ones; set data.features / extract.model to match")
+    for sid, why in sorted(cohort.missing.items()):
+        if split.assignment.get(sid) == part:  # scored on fewer slides: say which and why
+            print(f"note: {part} slide {sid} left out: {why}", file=sys.stderr, flush=True)
     items = cohort.parts[part]
     if not items:
         raise CohortError(f"no {part} slide with features to evaluate (split from {split.source})")

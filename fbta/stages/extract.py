@@ -11,8 +11,9 @@ from fbta.config import save_config
 from fbta.features.extract import SlidePatches, extract_patches, features_fingerprint, pick_device
 from fbta.features.registry import create_extractor
 from fbta.io.h5 import coords_complete, features_complete, read_coords, write_features
+from fbta.io.lock import claimed, raise_if_storage
 from fbta.slides.cohort import discover
-from fbta.stages.common import only_slides, out_dir, tile_failure
+from fbta.stages.common import only_slides, out_dir, stop_on_storage_error, tile_failure
 from fbta.status import StageReport
 
 
@@ -42,25 +43,40 @@ def run(cfg: DictConfig) -> int:
           f"{len(todo)} slides to do, {report.count('skipped')} up to date")
     total = sum(len(c) for _, c, _, _, _ in todo)
     with tqdm(total=total, unit="patch", desc="extract", disable=not cfg.run.progress, dynamic_ncols=True) as bar:
-        for entry, coords, attrs, fp, dest in todo:
-            bar.set_postfix_str(entry.slide_id)
-            t0 = time.perf_counter()
-            try:
-                ds = SlidePatches(entry.path, coords, attrs, entry.mpp)
-                feats = extract_patches(ds, extractor, device, cfg.extract.batch_size, cfg.extract.num_workers,
-                                        cfg.extract.amp, on_batch=bar.update)
-                if not np.isfinite(feats).all():
-                    raise ValueError("the model produced NaN/inf features")
-                write_features(dest, feats, coords, {
-                    **extractor.describe(), "fbta_params": fp, "slide_id": entry.slide_id,
-                    "target_mpp": attrs["target_mpp"], "patch_size": attrs["patch_size"], "mean": extractor.mean,
-                    "std": extractor.std,
-                }, coords_attrs=attrs)
-            except Exception as exc:  # a bad slide must not stop the cohort
-                report.failed(entry.slide_id, f"{entry.path}: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
-                continue
-            dt = time.perf_counter() - t0
-            report.done(entry.slide_id, dt, patches=len(coords), patches_per_s=round(len(coords) / max(dt, 1e-9), 1))
+        def skip(item: tuple, why: str) -> None:
+            report.skipped(item[0].slide_id, why, patches=len(item[1]))
+            bar.update(len(item[1]))
+
+        with stop_on_storage_error(report, cfg, feats_dir):
+            for entry, coords, attrs, fp, dest in claimed(
+                    todo, dest_of=lambda t: t[4], is_done=lambda t: features_complete(t[4], {"fbta_params": t[3]}),
+                    on_skip=skip, log=tqdm.write):
+                bar.set_postfix_str(entry.slide_id)
+                t0 = time.perf_counter()
+                try:
+                    ds = SlidePatches(entry.path, coords, attrs, entry.mpp)
+                    feats = extract_patches(ds, extractor, device, cfg.extract.batch_size, cfg.extract.num_workers,
+                                            cfg.extract.amp, on_batch=bar.update)
+                    if not np.isfinite(feats).all():
+                        raise ValueError("the model produced NaN/inf features")
+                except Exception as exc:  # a bad slide must not stop the cohort
+                    said = str(exc)
+                    reason = said if said.startswith(str(entry.path)) else f"{entry.path}: {type(exc).__name__}: {said}"
+                    report.failed(entry.slide_id, reason, time.perf_counter() - t0)
+                    continue
+                try:
+                    write_features(dest, feats, coords, {
+                        **extractor.describe(), "fbta_params": fp, "slide_id": entry.slide_id,
+                        "target_mpp": attrs["target_mpp"], "patch_size": attrs["patch_size"],
+                        "mean": extractor.mean, "std": extractor.std,
+                    }, coords_attrs=attrs)
+                except OSError as exc:
+                    raise_if_storage(exc, dest, "extract")
+                    report.failed(entry.slide_id, f"{dest}: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
+                    continue
+                dt = time.perf_counter() - t0
+                report.done(entry.slide_id, dt, patches=len(coords),
+                            patches_per_s=round(len(coords) / max(dt, 1e-9), 1))
     save_config(cfg, feats_dir.parent / "config.yaml")
     report.write(out_dir(cfg, "reports", "status") / "extract.json")
     print(report.summary())

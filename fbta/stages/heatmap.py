@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from fbta.config import ConfigError, save_config
+from fbta.config import ConfigError, InputError, save_config
 from fbta.io.atomic import atomic_path, atomic_write_text
 from fbta.io.h5 import _py, feature_files, read_features
 from fbta.e2e.classifier import load_classifier
@@ -116,6 +116,10 @@ def run(cfg: DictConfig) -> int:
         t0 = time.perf_counter()
         try:
             feats, coords, _ = read_features(files[sid])
+            if feats.shape[1] != head.in_dim:
+                raise InputError(f"{files[sid]}: {feats.shape[1]}-d features, the model expects {head.in_dim}-d")
+            if not np.isfinite(feats).all():
+                raise InputError(f"{files[sid]}: features contain NaN or inf; re-extract this slide")
             attrs = _coords_attrs(files[sid])
             with torch.no_grad():
                 out = head(torch.from_numpy(feats).to(device))
@@ -139,8 +143,11 @@ def run(cfg: DictConfig) -> int:
                 loc = localisation(scores, patch_fraction_inside(mask, coords, size0, dims[0]))
                 local[sid] = {"label": entry.label if entry else None, **loc.__dict__}
                 info["localisation_auc"] = loc.auc
+        except InputError as exc:
+            report.failed(sid, str(exc), time.perf_counter() - t0)
+            continue
         except Exception as exc:  # one slide must not stop the others
-            report.failed(sid, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
+            report.failed(sid, f"{files[sid]}: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
             continue
         report.done(sid, time.perf_counter() - t0, **info)
     summary = _summarise(local)

@@ -137,6 +137,9 @@ def classify(cfg: DictConfig, scfg: DictConfig, model: Model) -> tuple[list[dict
             check_features(model, attrs, path)
             if bag.shape[1] != model.in_dim:
                 raise InputError(f"{path}: {bag.shape[1]}-d features, the model expects {model.in_dim}-d")
+            if len(bag) == 0 or not np.isfinite(bag).all():  # the pyfunc's own check would end the batch
+                raise InputError(f"{path}: " + ("no patches" if len(bag) == 0 else
+                                                "features contain NaN or inf; re-extract this slide"))
             probs = model.predict_proba(bag)
         except (InputError, OSError, KeyError, ValueError) as exc:
             if isinstance(exc, InputError) and "trained on" in str(exc):

@@ -12,6 +12,8 @@ execution with per-epoch metrics.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import time
 from typing import Callable, Optional
@@ -25,6 +27,7 @@ from fbta.mil.checkpoint import META, save_checkpoint
 from fbta.mil.data import BagDataset, Cohort, feature_stats
 from fbta.mil.plots import save_curves
 from fbta.mil.registry import MILHead, create_mil
+from fbta.mil.resume import RESUME, Resumable
 from fbta.mil.splits import Split
 from fbta.mil.train import Epoch, FitOptions, fit, resolve_device, seed_everything
 from fbta.slides.cohort import CohortError
@@ -98,10 +101,12 @@ def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
         "split": {p: [it.slide_id for it in items] for p, items in cohort.parts.items()},
         "seed": t.seed, "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
     }
+    # tuning trials start afresh: a pruner must see every epoch it judges
+    resume = Resumable(folder / RESUME, _fingerprint(cfg, cohort)) if t.resume and on_epoch is None else None
     if fbta:
-        fit_model, save_states = _fbta_fit(cfg, head, cohort, val_ds, device, meta)
+        fit_model, save_states = _fbta_fit(cfg, head, cohort, val_ds, device, meta, resume)
     else:
-        fit_model, save_states = _vanilla_fit(cfg, head, cohort, val_ds, device), None
+        fit_model, save_states = _vanilla_fit(cfg, head, cohort, val_ds, device, resume), None
     tags = {"fbta.method": t.method, "fbta.arch": cfg.mil.arch, "fbta.variant": name, "fbta.data_out": cfg.data.out}
     started = time.time()
     with stage_run(cfg, "train", f"train-{name}-{cfg.mil.arch}", tags) as mlrun:
@@ -123,6 +128,10 @@ def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
 
         result = fit_model(after_epoch)
         rows = [e.as_row() for e in result.history]
+        if result.resumed_from:  # this MLflow run gets the whole curve; the killed run keeps its part
+            mlrun.set_tags({"fbta.resumed_from_epoch": str(result.resumed_from)})
+            for row in rows[:result.resumed_from]:
+                mlrun.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "best")}, step=int(row["epoch"]))
         final = {**meta, **_best(result.best), "epochs_run": len(rows), "stopped_early": result.stopped_early,
                  "seconds": round(time.time() - started, 2), "complete": True}
         save(result.best_state, {k: v for k, v in final.items() if k not in meta})
@@ -134,6 +143,8 @@ def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
                            "best_val_loss": result.best.val.loss, "epochs_run": len(rows)})
         for f in ("best.pt", META, "history.csv", "curves.png", "config.yaml", "translator.pt"):
             mlrun.log_artifact(folder / f, "model")
+    if resume is not None:
+        resume.finish()
 
     for part, items in cohort.parts.items():
         for it in items:
@@ -153,17 +164,28 @@ def _best(ep: Epoch) -> dict[str, object]:
     return {"epoch": ep.epoch, **{k: round(v, 6) for k, v in ep.val.as_dict("val_").items()}}
 
 
-def _vanilla_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset, device: torch.device):
+def _fingerprint(cfg: DictConfig, cohort: Cohort) -> str:
+    """What a resume.pt must match: every setting that shapes training, and the feature files it read."""
+    settings = {k: OmegaConf.to_container(cfg[k], resolve=True)
+                for k in ("data", "extract", "cluster", "mil", "train", "fbta") if k in cfg}
+    files = [(it.slide_id, str(it.path), it.path.stat().st_size, it.path.stat().st_mtime_ns)
+             for part in cohort.parts.values() for it in part]
+    blob = json.dumps({"settings": settings, "files": files}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _vanilla_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset, device: torch.device,
+                 resume: Optional[Resumable]):
     t = cfg.train
     train_ds = BagDataset(cohort.parts["train"], preload=t.preload)
     opts = FitOptions(epochs=t.epochs, patience=t.patience, lr=t.lr, weight_decay=t.weight_decay,
                       ema_alpha=t.ema_alpha if t.ema else None, balanced=t.balanced, seed=t.seed,
                       num_workers=0 if t.preload else t.num_workers, progress=cfg.run.progress)
-    return lambda hook: fit(head, train_ds, val_ds, opts, device, hook)
+    return lambda hook: fit(head, train_ds, val_ds, opts, device, hook, resume)
 
 
 def _fbta_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset, device: torch.device,
-              meta: dict):
+              meta: dict, resume: Optional[Resumable]):
     """FBTA's models and data; adds the translator/extractor description to ``meta`` (in place)."""
     from fbta.e2e.build import build_models, build_tfe, fbta_meta, options, pseudo_bags, save_fbta_states
     from fbta.e2e.trainer import fit_fbta
@@ -181,4 +203,4 @@ def _fbta_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset
           f"views={'+'.join(cfg.fbta.views)}; TFE {tfe.name} "
           f"{'trainable: ' + str(len(units)) + ' units, ' + f'{n_train:,}' + ' parameters' if units else 'frozen'}",
           flush=True)
-    return (lambda hook: fit_fbta(models, train_ds, val_ds, cohort.classes, opts, device, hook)), save_fbta_states
+    return (lambda hook: fit_fbta(models, train_ds, val_ds, cohort.classes, opts, device, hook, resume)), save_fbta_states

@@ -13,6 +13,7 @@ import time
 
 from omegaconf import DictConfig
 
+from fbta.io.store import redact_url
 from fbta.stages.common import out_dir
 from fbta.stages.milrun import check_method_and_arch
 from fbta.tracking import stage_run
@@ -41,10 +42,10 @@ def run(cfg: DictConfig) -> int:
     study_dir = out_dir(cfg, "tune", name)
     done = finished(study)
     todo = max(0, t.n_trials - done)
-    print(f"tune: study '{name}' in {t.storage}: {done} finished trial(s), {todo} to run "
+    print(f"tune: study '{name}' in {redact_url(t.storage)}: {done} finished trial(s), {todo} to run "
           f"(tune.n_trials={t.n_trials}); space {space.describe()}", flush=True)
     tags = {"fbta.method": cfg.train.method, "fbta.arch": cfg.mil.arch, "optuna.study": name,
-            "optuna.storage": t.storage, "fbta.data_out": cfg.data.out}
+            "optuna.storage": redact_url(t.storage), "fbta.data_out": cfg.data.out}
     started = time.time()
     with stage_run(cfg, "tune", f"tune-{name}", tags) as mlrun:
         exp_id = mlrun.client.get_run(mlrun.run_id).info.experiment_id if mlrun.active else None

@@ -5,8 +5,12 @@ Why these choices:
   ``alembic_version`` table), ``load_if_exists`` — re-running the same study
   name continues it up to ``tune.n_trials`` finished trials; a heartbeat marks
   trials of a killed process as failed and re-queues their parameters once;
-- TPE with a seed (offset by the trials already in the study, so a resumed
-  study does not replay its first random draws); median pruning on the
+- several workers may share one study (fbta/tune/storage.py: stores are
+  created under a file lock, SQLite waits for writers); the trial number,
+  unique in the storage, names a trial's folder and its MLflow run;
+- TPE re-seeded from ``tune.seed`` and the trial number before each trial, so
+  workers started together do not draw the same configurations and a
+  resumed study does not replay its first random draws; median pruning on the
   per-epoch validation AUC reported by ``fbta.stages.train.run(on_epoch=…)``;
 - each trial trains in its own folder ``<data.out>/tune/<study>/trial_NNNN``
   on the cohort's frozen features (no copy); per-C KMeans clusters are
@@ -34,6 +38,8 @@ from fbta.io.atomic import atomic_write_text
 from fbta.stages.common import clusters_dir, features_dir
 from fbta.tracking import Run, flatten
 from fbta.tune.space import Space, nested, suggest, with_values
+from fbta.tune.storage import (file_lock, optuna_storage, redact_url, redact_url_in, sqlite_file,
+                                store_lock)
 
 METRIC = "val_auc"
 
@@ -46,13 +52,9 @@ def study_name(cfg: DictConfig) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"fbta-{dataset}-{cfg.train.method}-{cfg.mil.arch}")
 
 
-def _sqlite_file(uri: str) -> Optional[Path]:
-    return Path(uri[len("sqlite:///"):]).resolve() if uri.startswith("sqlite:///") else None
-
-
 def check_storage(cfg: DictConfig) -> None:
     """Optuna and MLflow must not share one SQLite file."""
-    a, b = _sqlite_file(cfg.tune.storage), _sqlite_file(cfg.tracking.uri)
+    a, b = sqlite_file(cfg.tune.storage), sqlite_file(cfg.tracking.uri)
     if a is not None and a == b:
         raise ConfigError(f"tune.storage and tracking.uri are the same SQLite file ({a}); give Optuna its own "
                           "(default sqlite:///optuna.db)")
@@ -60,36 +62,59 @@ def check_storage(cfg: DictConfig) -> None:
         a.parent.mkdir(parents=True, exist_ok=True)
 
 
+def trial_seeded_tpe(seed: int, n_startup_trials: int) -> Any:
+    """TPE whose random state restarts from (seed, trial number) before every trial.
+
+    One seed per process would give workers started together the same random
+    draws (the same configurations twice); the trial number is unique in the
+    storage, so draws differ between workers and stay reproducible for one.
+    """
+    import numpy as np
+    import optuna
+
+    class TrialSeededTPE(optuna.samplers.TPESampler):
+        def before_trial(self, study: Any, trial: Any) -> None:
+            super().before_trial(study, trial)
+            state = np.random.SeedSequence([seed, trial.number]).generate_state(1)[0]
+            for rng in (getattr(self, "_rng", None), getattr(getattr(self, "_random_sampler", None), "_rng", None)):
+                if rng is not None:  # Optuna 5 internals; without them TPE keeps its one seed
+                    rng.rng.seed(int(state))
+
+    return TrialSeededTPE(seed=seed, n_startup_trials=n_startup_trials)
+
+
 def open_study(cfg: DictConfig, name: str) -> Any:
-    """Create or continue the study (TPE seeded, median pruner, heartbeat for killed trials)."""
+    """Create or continue the study (seeded TPE, median pruner, heartbeat for killed trials).
+
+    Also creates a SQLite MLflow store's schema and experiment under its lock
+    (fbta/tune/storage.py), so workers starting together do not race there.
+    """
     import warnings
 
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import SQLAlchemyError
 
     t = cfg.tune
     check_storage(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and exactly what resuming needs
+        with store_lock(t.storage), warnings.catch_warnings():
+            # heartbeats are "experimental" in Optuna 5, and exactly what resuming needs
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = RDBStorage(t.storage, heartbeat_interval=60, grace_period=180,
-                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
-        existing = 0
-        try:
-            existing = len(optuna.load_study(study_name=name, storage=storage).trials)
-        except KeyError:
-            pass
-        study = optuna.create_study(
-            study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-            sampler=optuna.samplers.TPESampler(seed=t.seed + existing, n_startup_trials=t.startup_trials),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=t.startup_trials, n_warmup_steps=t.warmup_epochs),
-        )
-    except (optuna.exceptions.OptunaError, ImportError, ValueError) as exc:
-        raise ConfigError(f"tune.storage={t.storage}: cannot open the Optuna study "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+            storage = optuna_storage(t.storage, heartbeat_interval=60, grace_period=180,
+                                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+            study = optuna.create_study(
+                study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                sampler=trial_seeded_tpe(t.seed, t.startup_trials),
+                pruner=optuna.pruners.MedianPruner(n_startup_trials=t.startup_trials, n_warmup_steps=t.warmup_epochs),
+            )
+    except (optuna.exceptions.OptunaError, ImportError, ValueError, SQLAlchemyError) as exc:
+        raise ConfigError(f"tune.storage={redact_url(t.storage)}: cannot open the Optuna study "
+                          f"({type(exc).__name__}: {redact_url_in(str(exc).splitlines()[0], t.storage)})") from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise ConfigError(f"study '{name}' in {t.storage} minimises; fbta tune maximises {METRIC}: use another tune.study")
+        raise ConfigError(f"study '{name}' in {redact_url(t.storage)} minimises; fbta tune maximises {METRIC}: "
+                          "use another tune.study")
     return study
 
 
@@ -100,7 +125,8 @@ def _link_clusters(cfg: DictConfig, tcfg: DictConfig, study_dir: Path, feats: Pa
     c = int(tcfg.cluster.n_clusters)
     ccfg = with_values(cfg, {"data.out": str(study_dir / "clusters" / f"C{c}"), "data.features": str(feats),
                              "cluster.n_clusters": c, "run.progress": False})
-    cluster.run(ccfg)
+    with file_lock(study_dir / "clusters" / f".C{c}.lock"):  # another worker may be clustering the same C
+        cluster.run(ccfg)
     src, dest = clusters_dir(ccfg), clusters_dir(tcfg)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_symlink() or dest.exists():
@@ -191,7 +217,17 @@ def _fmt(v: Any) -> str:
 
 
 def write_best(cfg: DictConfig, study: Any, space: Space, study_dir: Path) -> Optional[dict[str, Any]]:
-    """``best_params.yaml`` (the params with the best values) and ``best.json``; None without a finished trial."""
+    """``best_params.yaml`` (the params with the best values) and ``best.json``; None without a finished trial.
+
+    Read and written under a lock in ``study_dir``: with several workers the
+    last one to finish writes last and has seen every trial, so the files
+    never go back to an older best.
+    """
+    with file_lock(study_dir / ".best.lock"):
+        return _write_best(cfg, study, space, study_dir)
+
+
+def _write_best(cfg: DictConfig, study: Any, space: Space, study_dir: Path) -> Optional[dict[str, Any]]:
     try:
         best = study.best_trial
     except ValueError:
@@ -205,7 +241,7 @@ def write_best(cfg: DictConfig, study: Any, space: Space, study_dir: Path) -> Op
     atomic_write_text(study_dir / "best_params.yaml", header + OmegaConf.to_yaml(merged))
     overrides = [f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()]
     summary = {
-        "study": study.study_name, "storage": cfg.tune.storage, "metric": METRIC, "direction": "maximize",
+        "study": study.study_name, "storage": redact_url(cfg.tune.storage), "metric": METRIC, "direction": "maximize",
         "best_trial": best.number, "best_value": best.value, "params": values, "overrides": overrides,
         "dvc": "dvc exp run " + " ".join(f"-S '{o}'" for o in overrides), "space": space.describe(),
         "trials": _state_counts(study), "best_trial_dir": best.user_attrs.get("trial_dir"),

@@ -1,0 +1,148 @@
+"""Per-output locks: two runs on one cohort never write the same slide's file at once.
+
+Why ``flock`` on a lock file beside the output (``.<name>.lock``): the kernel
+drops the lock when its holder dies — SIGKILL, OOM, a node reboot on NFSv4 —
+so a stale lock never blocks a cohort; the file's text (pid, host, start time)
+only says *who* holds it, and is cleared by the next run that gets the lock.
+While a run holds a slide's lock it also removes the slide's half-written
+temp files (``.<name>.*.tmp``) left by a killed writer: nobody else can be
+writing them.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
+
+from fbta.config import InputError
+
+T = TypeVar("T")
+
+
+class Busy(Exception):
+    """Another live process holds the lock."""
+
+    def __init__(self, lock: Path, holder: str) -> None:
+        super().__init__(f"{lock}: held by {holder}")
+        self.lock, self.holder = lock, holder
+
+
+def lock_path(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.lock"
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return ""
+    return f"pid {info['pid']} on {info['host']}" if {"pid", "host"} <= info.keys() else ""
+
+
+@contextlib.contextmanager
+def claim(dest: Path, wait: bool = False) -> Iterator[Optional[str]]:
+    """Hold ``dest``'s lock for the ``with`` body; yields the dead holder it replaced (or None).
+
+    ``wait=False`` raises :class:`Busy` at once if a live process holds it.
+    """
+    lock = lock_path(Path(dest))
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = _holder(fd) or "another process"
+            os.close(fd)
+            raise Busy(lock, holder) from None
+        try:  # the holder we waited for unlinks the file on release: lock the file that is there now
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    stale = _holder(fd) or None  # text left behind means its writer died holding the lock
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        for tmp in dest.parent.glob(f".{dest.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        yield stale
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def claimed(items: Iterable[T], dest_of: Callable[[T], Path], is_done: Callable[[T], bool],
+            on_skip: Callable[[T, str], None], log: Callable[[str], None] = print) -> Iterator[T]:
+    """Yield each item while holding its output's lock; items another run holds come last.
+
+    Why wait for them at the end rather than skip: a run that exits 0 has every
+    slide's output — finished by this run or by the other one — or, if the
+    other run dies meanwhile, finishes them itself.
+    """
+    busy: list[tuple[T, Busy]] = []
+    for item in items:
+        try:
+            with claim(dest_of(item)) as stale:
+                if stale:
+                    log(f"cleared a stale lock on {dest_of(item).name} (left by {stale}, no longer running)")
+                if is_done(item):
+                    on_skip(item, "up to date (finished by another run)")
+                    continue
+                yield item
+        except Busy as b:
+            busy.append((item, b))
+    for item, b in busy:
+        log(f"waiting for {dest_of(item).name}: {b.holder} is writing it")
+        with claim(dest_of(item), wait=True):
+            if is_done(item):
+                on_skip(item, f"up to date (written by {b.holder} while this run waited)")
+                continue
+            yield item
+
+
+# -- storage errors -------------------------------------------------------------------------------------------
+
+_FATAL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+          errno.EFBIG: "file size limit reached", errno.EROFS: "read-only file system",
+          errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+
+
+class StorageError(InputError):
+    """The output location cannot take more data: the stage stops; finished outputs stay as they are."""
+
+
+def storage_problem(exc: BaseException) -> Optional[str]:
+    """What is wrong with the disk, if ``exc`` says so (h5py folds errno into its message text)."""
+    if isinstance(exc, OSError) and exc.errno in _FATAL:
+        return _FATAL[exc.errno]
+    text = str(exc)
+    for code, why in _FATAL.items():
+        if f"errno = {code}," in text or os.strerror(code) in text:
+            return why
+    return None
+
+
+def raise_if_storage(exc: BaseException, dest: Path, stage: Optional[str] = None) -> None:
+    """Turn a full/read-only/forbidden output location into one clear, stage-stopping error.
+
+    Why stop instead of failing slide after slide: every later write would
+    fail the same way, and the user must act (free space, fix permissions).
+    """
+    why = storage_problem(exc)
+    if why is not None:
+        rerun = f"`fbta {stage}`" if stage else "the stage"
+        print(f"[{stage or 'fbta'}] stopping: cannot write {dest}: {why}", file=sys.stderr)
+        raise StorageError(f"cannot write {dest}: {why}; outputs already finished are intact — "
+                           f"fix the location (or set data.out elsewhere) and re-run {rerun} "
+                           "(finished slides are skipped)") from None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,39 @@ def test_the_registered_fbta_classifier_is_translator_plus_ema_mil_and_answers_l
                                rtol=1e-5, atol=1e-6)
     decision = json.loads((tmp_path / "out/reports/registry/fbta-classifier.json").read_text())
     assert decision["decision"] == "promoted" and decision["aliases"]["champion"] == str(mv.version)
+
+
+def test_fbta_training_killed_after_an_epoch_resumes_and_ends_with_the_models_of_an_uninterrupted_run(
+        cohort, tmp_path) -> None:
+    """SIGKILL mid-run, same command again: translator, TFE* and MIL* equal an uninterrupted run's, bit for bit."""
+    from faultkit import env, kill_when
+
+    d, ov = cohort
+    runs = {}
+    for name in ("ref", "killed"):
+        out = tmp_path / name
+        shutil.copytree(d / "out", out, ignore=shutil.ignore_patterns("models"))
+        runs[name] = [o for o in ov if not o.startswith("data.out=")] + [
+            f"data.out={out}", "train.method=fbta", "fbta.epochs=4", "train.patience=4"]
+    def train(argv: list[str]) -> subprocess.CompletedProcess:  # both runs as processes: same thread settings
+        return subprocess.run([sys.executable, "-m", "fbta", "train", *argv, *PARAMS], cwd=tmp_path, env=env(),
+                              capture_output=True, text=True, timeout=300)
+
+    assert train(runs["ref"]).returncode == 0
+    folder = tmp_path / "killed" / "models" / "fbta_abmil"
+
+    def saved_epoch() -> int:
+        try:
+            return int(torch.load(folder / "resume.pt", weights_only=True)["epoch"])
+        except Exception:  # not written yet
+            return -1
+
+    kill_when("train", runs["killed"], tmp_path, lambda: saved_epoch() >= 0)
+    assert saved_epoch() in (0, 1, 2)
+    again = train(runs["killed"])
+    assert again.returncode == 0, again.stderr
+    assert "resuming after epoch" in again.stdout and not (folder / "resume.pt").exists()
+    for f in ("best.pt", "translator.pt", "extractor.pt"):
+        a = torch.load(folder / f, weights_only=True)
+        b = torch.load(tmp_path / "ref" / "models" / "fbta_abmil" / f, weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f

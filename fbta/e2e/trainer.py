@@ -21,7 +21,7 @@ from fbta.e2e.step import FBTAModels, StepOptions, fbta_step
 from fbta.features.registry import Extractor
 from fbta.mil.data import BagDataset
 from fbta.mil.metrics import Scores, score
-from fbta.mil.resume import Resumable, history_from_json
+from fbta.mil.resume import Resumable
 from fbta.mil.train import Epoch, FitResult, _better, predict
 
 EMA_EVERY = ("epoch", "step")
@@ -141,12 +141,9 @@ def fit_fbta(m: FBTAModels, train: PseudoBags, val: BagDataset, classes: list[st
     if resume is not None:
         resume.track({"mil": m.mil, "translator": m.translator, "tfe": m.tfe, "mil_ema": m.mil_ema,
                       "tfe_ema": m.tfe_ema}, {"adam": optimiser}, {"augment": gen})
-        done = resume.restore()
-        if done is not None:
-            history, best_epoch, best_states = history_from_json(done["history"]), done["best_epoch"], done["best_state"]
-            best_scores, since_best, start = history[best_epoch].val, done["since_best"], done["epoch"] + 1
-            if since_best >= o.patience:  # it was killed after its last epoch
-                start = o.epochs
+        point = resume.resume_point(o.patience, o.epochs)
+        if point is not None:
+            history, best_epoch, best_states, best_scores, since_best, start = point
     resumed_from = start
     bar = tqdm(range(start, o.epochs), desc="train fbta", unit="epoch", disable=not o.progress,
                dynamic_ncols=True, initial=start, total=o.epochs)

@@ -105,6 +105,17 @@ class Resumable:
                 "best_epoch": payload["best_epoch"], "best_state": payload["best_state"],
                 "since_best": payload["since_best"]}
 
+    def resume_point(self, patience: int, epochs: int) -> Optional[tuple[list[Any], int, Any, Any, int, int]]:
+        """``restore`` as a training loop needs it: (history, best epoch, best state, best scores,
+        epochs since best, first epoch to run) — or None to start afresh."""
+        done = self.restore()
+        if done is None:
+            return None
+        history = history_from_json(done["history"])
+        since_best = done["since_best"]
+        start = epochs if since_best >= patience else done["epoch"] + 1  # killed after its last epoch: none left
+        return history, done["best_epoch"], done["best_state"], history[done["best_epoch"]].val, since_best, start
+
     def finish(self) -> None:
         self.path.unlink(missing_ok=True)
 

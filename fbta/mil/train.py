@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomS
 from fbta.mil.data import BagDataset
 from fbta.mil.metrics import Scores, score
 from fbta.mil.registry import MILHead
-from fbta.mil.resume import Resumable, history_from_json
+from fbta.mil.resume import Resumable
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -183,12 +183,9 @@ def fit(model: MILHead, train: BagDataset, val: BagDataset, opts: FitOptions, de
     if resume is not None:
         resume.track({"model": model, **({"ema": ema.model} if ema is not None else {})}, {"adam": optimiser},
                      {"sampler": sample_gen, "loader": loader_gen})
-        done = resume.restore()
-        if done is not None:
-            history, best_epoch, best_state = history_from_json(done["history"]), done["best_epoch"], done["best_state"]
-            best_scores, since_best, start = history[best_epoch].val, done["since_best"], done["epoch"] + 1
-            if since_best >= opts.patience:  # it was killed after its last epoch
-                start = opts.epochs
+        point = resume.resume_point(opts.patience, opts.epochs)
+        if point is not None:
+            history, best_epoch, best_state, best_scores, since_best, start = point
     resumed_from = start
     bar = tqdm(range(start, opts.epochs), desc="train", unit="epoch", disable=not opts.progress,
                dynamic_ncols=True, initial=start, total=opts.epochs)

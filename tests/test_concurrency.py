@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient
 
 from fbta.cli import main
 from fbta.config import load_config
-from fbta.registry.promote import exclusive, lock_file, promote
+from fbta.io.lock import file_lock
+from fbta.registry.promote import lock_file, promote
 from milcohort import SMALL_HEADS, make_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def test_two_registrations_racing_in_separate_processes_leave_one_consistent_cha
     commands = [["register", "--params", PARAMS, *reg, f"data.out={tmp_path}/r{auc}",
                  f"register.classifier={_candidate(model, tmp_path / str(auc), auc)}"] for auc in (0.8, 0.9)]
     client = MlflowClient(uri)
-    with exclusive(lock):  # a promotion in progress: both must register, then wait here, then race for the lock
+    with file_lock(lock):  # a promotion in progress: both must register, then wait here, then race for the lock
         procs = release_together(tmp_path, commands)
         deadline = time.time() + 240
         while len(client.search_model_versions(f"name='{name}'")) < 3:
@@ -182,7 +183,7 @@ def test_two_processes_promoting_at_the_same_moment_leave_the_better_one_champio
         client.create_model_version(name, str(tmp_path), tags={"fbta.val_auc": auc, "fbta.val_loss": "0.5"})
     lock = lock_file(uri, tmp_path, name)
     assert promote(client, name, "classifier", "1", lock)["decision"] == "promoted"
-    with exclusive(lock):  # a promotion in progress: both processes must queue behind it, then race for the lock
+    with file_lock(lock):  # a promotion in progress: both processes must queue behind it, then race for the lock
         procs = release_together(tmp_path, [[uri, name, v, str(lock)] for v in ("2", "3")], PROMOTER)
         deadline = time.time() + 120
         while waiting_on(lock) < 2:
@@ -209,8 +210,8 @@ def test_a_promotion_lock_held_by_a_killed_process_does_not_block_the_next_promo
         client.create_model_version(name, str(tmp_path), tags={"fbta.val_auc": auc})
     lock = lock_file(uri, tmp_path, name)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                               "from fbta.registry.promote import exclusive\n"
-                               "with exclusive(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)",
+                               "from fbta.io.lock import file_lock\n"
+                               "with file_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)",
                                str(lock)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"  # type: ignore[union-attr]

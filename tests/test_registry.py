@@ -19,7 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fbta.cli import main
-from fbta.registry.promote import beats, exclusive, lock_file, promote
+from fbta.io.lock import file_lock
+from fbta.registry.promote import beats, lock_file, promote
 from milcohort import SMALL_HEADS, make_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def test_promotion_waits_for_the_lock_so_two_registrations_cannot_both_win(train
     def go(version: str) -> None:
         results[version] = promote(MlflowClient(uri), NAME, "classifier", version, lock)
 
-    with exclusive(lock):  # another promotion in progress: both must wait, not read the champion now
+    with file_lock(lock):  # another promotion in progress: both must wait, not read the champion now
         threads = [threading.Thread(target=go, args=(v,)) for v in ("3", "2")]
         for t in threads:
             t.start()

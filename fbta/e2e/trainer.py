@@ -139,9 +139,8 @@ def fit_fbta(m: FBTAModels, train: PseudoBags, val: BagDataset, classes: list[st
     best_scores: Optional[Scores] = None
     best_epoch, best_states, since_best, start = 0, _snapshot(m), 0, 0
     if resume is not None:
-        resume.track({"mil": m.mil, "translator": m.translator, "tfe": m.tfe, "mil_ema": m.mil_ema,
-                      "tfe_ema": m.tfe_ema}, {"adam": optimiser}, {"augment": gen})
-        point = resume.resume_point(o.patience, o.epochs)
+        parts = {"mil": m.mil, "translator": m.translator, "tfe": m.tfe, "mil_ema": m.mil_ema, "tfe_ema": m.tfe_ema}
+        point = resume.start(parts, {"adam": optimiser}, {"augment": gen}, o.patience, o.epochs)
         if point is not None:
             history, best_epoch, best_states, best_scores, since_best, start = point
     resumed_from = start

@@ -16,7 +16,6 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
@@ -44,6 +43,18 @@ def _holder(fd: int) -> str:
     except (OSError, ValueError, UnicodeDecodeError):
         return ""
     return f"pid {info['pid']} on {info['host']}" if {"pid", "host"} <= info.keys() else ""
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing); it blocks until free, across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock; so does the death of the process
 
 
 @contextlib.contextmanager
@@ -142,7 +153,6 @@ def raise_if_storage(exc: BaseException, dest: Path, stage: Optional[str] = None
     why = storage_problem(exc)
     if why is not None:
         rerun = f"`fbta {stage}`" if stage else "the stage"
-        print(f"[{stage or 'fbta'}] stopping: cannot write {dest}: {why}", file=sys.stderr)
         raise StorageError(f"cannot write {dest}: {why}; outputs already finished are intact — "
                            f"fix the location (or set data.out elsewhere) and re-run {rerun} "
                            "(finished slides are skipped)") from None

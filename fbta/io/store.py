@@ -9,11 +9,11 @@ dies, so never stale). A server database serialises its own writers.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 from pathlib import Path
 from typing import Iterator, Optional
 from urllib.parse import unquote, urlsplit, urlunsplit
+
+from fbta.io.lock import file_lock
 
 
 def redact_url(url: str) -> str:
@@ -45,18 +45,6 @@ def sqlite_file(uri: str) -> Optional[Path]:
         return None
     path = uri[len("sqlite:///"):]
     return None if path in ("", ":memory:") else Path(path).resolve()
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if missing); it blocks until free, across processes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock; so does the death of the process
 
 
 @contextlib.contextmanager

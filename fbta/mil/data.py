@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import h5py
 import numpy as np
@@ -27,6 +27,20 @@ FINITE_CHUNK = 65536  # rows read at once by the NaN/inf check
 
 class FeaturesError(InputError):
     """A feature file that must not be trained or scored on (NaN/inf); the message names the file."""
+
+
+def check_bag(path: Path, feats: np.ndarray, in_dim: Optional[int] = None) -> None:
+    """Refuse, naming the file, a bag no model should see: wrong feature size, no patches, NaN/inf.
+
+    Why one place: training, heatmaps and batch inference must say the same
+    thing about the same bad file.
+    """
+    if in_dim is not None and feats.shape[1] != in_dim:
+        raise FeaturesError(f"{path}: {feats.shape[1]}-d features, the model expects {in_dim}-d")
+    if len(feats) == 0:
+        raise FeaturesError(f"{path}: no patches")
+    if not np.isfinite(feats).all():
+        raise FeaturesError(f"{path}: features contain NaN or inf; re-extract this slide")
 
 
 @dataclass(frozen=True)
@@ -63,8 +77,7 @@ def feature_stats(items: Sequence[BagItem]) -> tuple[np.ndarray, np.ndarray]:
     total, sq, n = 0.0, 0.0, 0
     for it in items:
         feats, _, _ = read_features(it.path)
-        if not np.isfinite(feats).all():
-            raise FeaturesError(f"{it.path}: features contain NaN or inf; re-extract this slide")
+        check_bag(it.path, feats)
         f = feats.astype(np.float64)
         total, sq, n = total + f.sum(0), sq + (f * f).sum(0), n + len(f)
     if n == 0:
@@ -148,8 +161,7 @@ class BagDataset(Dataset):
     @staticmethod
     def _read(item: BagItem) -> torch.Tensor:
         feats, _, _ = read_features(item.path)
-        if not np.isfinite(feats).all():  # changed since build_cohort checked it
-            raise FeaturesError(f"{item.path}: features contain NaN or inf; re-extract this slide")
+        check_bag(item.path, feats)  # the file may have changed since build_cohort checked it
         return torch.from_numpy(feats)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

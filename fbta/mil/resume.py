@@ -54,17 +54,13 @@ def epoch_to_json(ep: Any) -> dict[str, Any]:
 
 
 class Resumable:
-    """The run's moving parts, registered once; ``save`` after an epoch, ``restore`` before the first."""
+    """The run's moving parts, registered by ``start`` before the first epoch; ``save`` after each."""
 
     def __init__(self, path: Path, fingerprint: str) -> None:
         self.path, self.fingerprint = Path(path), fingerprint
         self.modules: dict[str, nn.Module] = {}
         self.optimisers: dict[str, torch.optim.Optimizer] = {}
         self.generators: dict[str, torch.Generator] = {}
-
-    def track(self, modules: dict[str, nn.Module], optimisers: dict[str, torch.optim.Optimizer],
-              generators: dict[str, torch.Generator]) -> None:
-        self.modules, self.optimisers, self.generators = modules, optimisers, generators
 
     def save(self, epoch: int, history: list[Any], best_epoch: int, best_state: dict[str, Any],
              since_best: int) -> None:
@@ -81,8 +77,15 @@ class Resumable:
         with atomic_path(self.path, suffix=".pt") as tmp:
             torch.save(payload, tmp)
 
-    def restore(self, log: Any = print) -> Optional[dict[str, Any]]:
-        """Load a matching resume.pt into the tracked parts; returns the progress (None: start afresh)."""
+    def start(self, modules: dict[str, nn.Module], optimisers: dict[str, torch.optim.Optimizer],
+              generators: dict[str, torch.Generator], patience: int, epochs: int,
+              log: Any = print) -> Optional[tuple[list[Any], int, Any, Scores, int, int]]:
+        """Register the run's moving parts (``save`` writes them) and load a matching resume.pt into them.
+
+        Returns (history, best epoch, best state, best scores, epochs since best, first epoch to run),
+        or None to start afresh.
+        """
+        self.modules, self.optimisers, self.generators = modules, optimisers, generators
         if not self.path.is_file():
             return None
         try:
@@ -93,28 +96,18 @@ class Resumable:
         if payload.get("version") != VERSION or payload.get("fingerprint") != self.fingerprint:
             log(f"train: {self.path} is from another configuration; starting afresh")
             return None
-        for k, m in self.modules.items():
+        for k, m in modules.items():
             m.load_state_dict(payload["modules"][k])
-        for k, o in self.optimisers.items():
+        for k, o in optimisers.items():
             o.load_state_dict(payload["optimisers"][k])
-        for k, g in self.generators.items():
+        for k, g in generators.items():
             g.set_state(payload["generators"][k])
         _set_rng_state(payload["rng"])
         log(f"train: resuming after epoch {payload['epoch']} from {self.path}")
-        return {"epoch": payload["epoch"], "history": json.loads(payload["history"]),
-                "best_epoch": payload["best_epoch"], "best_state": payload["best_state"],
-                "since_best": payload["since_best"]}
-
-    def resume_point(self, patience: int, epochs: int) -> Optional[tuple[list[Any], int, Any, Any, int, int]]:
-        """``restore`` as a training loop needs it: (history, best epoch, best state, best scores,
-        epochs since best, first epoch to run) — or None to start afresh."""
-        done = self.restore()
-        if done is None:
-            return None
-        history = history_from_json(done["history"])
-        since_best = done["since_best"]
-        start = epochs if since_best >= patience else done["epoch"] + 1  # killed after its last epoch: none left
-        return history, done["best_epoch"], done["best_state"], history[done["best_epoch"]].val, since_best, start
+        history, best, since_best = history_from_json(json.loads(payload["history"])), payload["best_epoch"], \
+            payload["since_best"]
+        first = epochs if since_best >= patience else payload["epoch"] + 1  # killed after its last epoch: none left
+        return history, best, payload["best_state"], history[best].val, since_best, first
 
     def finish(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -181,9 +181,8 @@ def fit(model: MILHead, train: BagDataset, val: BagDataset, opts: FitOptions, de
     best_scores: Optional[Scores] = None
     best_epoch, best_state, since_best, start = 0, {}, 0, 0
     if resume is not None:
-        resume.track({"model": model, **({"ema": ema.model} if ema is not None else {})}, {"adam": optimiser},
-                     {"sampler": sample_gen, "loader": loader_gen})
-        point = resume.resume_point(opts.patience, opts.epochs)
+        point = resume.start({"model": model, **({"ema": ema.model} if ema is not None else {})}, {"adam": optimiser},
+                             {"sampler": sample_gen, "loader": loader_gen}, opts.patience, opts.epochs)
         if point is not None:
             history, best_epoch, best_state, best_scores, since_best, start = point
     resumed_from = start

@@ -17,15 +17,14 @@ one machine's registrations into one output folder.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
-from urllib.parse import urlparse
+from typing import Any, Mapping, Optional
 
+from fbta.io.lock import file_lock
+from fbta.io.store import sqlite_file
 from fbta.registry.pyfunc import CLASSIFIER, SEGMENTER
 
 CHAMPION, PREVIOUS = "champion", "previous"
@@ -97,23 +96,8 @@ def files_sha256(files: list[Path]) -> str:
 
 def lock_file(tracking_uri: str, fallback_dir: Path, name: str) -> Path:
     """``.<db>.<model>.lock`` beside a SQLite store; else in ``fallback_dir`` (one machine's promotions)."""
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite":
-        db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
-        if db is not None and str(db) not in ("", ":memory:"):
-            return db.resolve().parent / f".{db.name}.{name}.lock"
-    return Path(fallback_dir).resolve() / f".{name}.lock"
-
-
-@contextlib.contextmanager
-def exclusive(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    db = sqlite_file(tracking_uri)
+    return db.parent / f".{db.name}.{name}.lock" if db is not None else Path(fallback_dir).resolve() / f".{name}.lock"
 
 
 def ensure_registered_model(client: Any, name: str, description: str) -> None:
@@ -148,7 +132,7 @@ def find_version(client: Any, name: str, sha: str) -> Any:
 
 def promote(client: Any, name: str, kind: str, version: str, lock: Path) -> dict[str, Any]:
     """Compare version ``version`` with ``@champion`` and move the aliases if it is better; the decision."""
-    with exclusive(lock):
+    with file_lock(lock):
         cand = client.get_model_version(name, version)
         cand_m = version_metrics(kind, cand.tags or {})
         champ = champion_of(client, name)

@@ -25,6 +25,7 @@ from fbta.config import ConfigError, InputError, save_config
 from fbta.io.atomic import atomic_path, atomic_write_text
 from fbta.io.h5 import _py, feature_files, read_features
 from fbta.e2e.classifier import load_classifier
+from fbta.mil.data import check_bag
 from fbta.mil.heatmap import NORMALISE, draw_heatmap, localisation, normalise, patch_fraction_inside
 from fbta.mil.train import resolve_device
 from fbta.slides.cohort import CohortError, discover
@@ -116,10 +117,7 @@ def run(cfg: DictConfig) -> int:
         t0 = time.perf_counter()
         try:
             feats, coords, _ = read_features(files[sid])
-            if feats.shape[1] != head.in_dim:
-                raise InputError(f"{files[sid]}: {feats.shape[1]}-d features, the model expects {head.in_dim}-d")
-            if not np.isfinite(feats).all():
-                raise InputError(f"{files[sid]}: features contain NaN or inf; re-extract this slide")
+            check_bag(files[sid], feats, head.in_dim)
             attrs = _coords_attrs(files[sid])
             with torch.no_grad():
                 out = head(torch.from_numpy(feats).to(device))

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from fbta.config import ConfigError, InputError
 from fbta.io.atomic import atomic_write_text
 from fbta.io.reports import write_csv
+from fbta.mil.data import check_bag
 from fbta.stages.common import out_dir
 from fbta.status import StageReport
 from fbta.tracking import stage_run
@@ -135,11 +136,7 @@ def classify(cfg: DictConfig, scfg: DictConfig, model: Model) -> tuple[list[dict
                 raise InputError(why)
             bag, _, attrs = read_features(path)
             check_features(model, attrs, path)
-            if bag.shape[1] != model.in_dim:
-                raise InputError(f"{path}: {bag.shape[1]}-d features, the model expects {model.in_dim}-d")
-            if len(bag) == 0 or not np.isfinite(bag).all():  # the pyfunc's own check would end the batch
-                raise InputError(f"{path}: " + ("no patches" if len(bag) == 0 else
-                                                "features contain NaN or inf; re-extract this slide"))
+            check_bag(path, bag, model.in_dim)  # before the pyfunc, whose own check would end the batch
             probs = model.predict_proba(bag)
         except (InputError, OSError, KeyError, ValueError) as exc:
             if isinstance(exc, InputError) and "trained on" in str(exc):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fbta.io.store import file_lock, redact_url, redact_url_in, sqlite_file, store_lock  # noqa: F401 (re-exported)
+from fbta.io.store import sqlite_file
 
 SQLITE_TIMEOUT_S = 60.0  # how long a connection waits for another worker's write (sqlite3's default: 5 s)
 

@@ -38,8 +38,9 @@ from fbta.io.atomic import atomic_write_text
 from fbta.stages.common import clusters_dir, features_dir
 from fbta.tracking import Run, flatten
 from fbta.tune.space import Space, nested, suggest, with_values
-from fbta.tune.storage import (file_lock, optuna_storage, redact_url, redact_url_in, sqlite_file,
-                                store_lock)
+from fbta.io.lock import file_lock
+from fbta.io.store import redact_url, redact_url_in, sqlite_file, store_lock
+from fbta.tune.storage import optuna_storage
 
 METRIC = "val_auc"
 

@@ -29,7 +29,7 @@ import torch
 
 from common import ROOT, record
 
-from fbta.e2e.augment import Augment
+from fbta.features.augment import Augment
 from fbta.e2e.classifier import SlideClassifier
 from fbta.e2e.pseudobags import PseudoBag
 from fbta.e2e.reextract import reextract_slide, translate_slide

@@ -3,8 +3,11 @@
 Uses the patch caches of an already-run ``fbta seg-teacher`` (``--out``) and
 the library directly (no MLflow). Per seed: a teacher, then a student with the
 full method; on the first seed also the ablations: no weighted CE, no role
-reversal, block-wise KD instead of fusion KD. Writes the table incrementally to
-reports/bench/seg_ablation.json and a row to BENCHMARKS.md at the end.
+reversal, block-wise KD instead of fusion KD. The trivial all-background and
+all-tumour maps are scored beside them on the same test patches, and every
+row says whether its selected epoch beat them on validation. Writes the table
+incrementally to reports/bench/seg_ablation.json and a row to BENCHMARKS.md at
+the end.
 
     python benchmarks/seg_ablation.py --out /tmp/seg --seeds 0 1 2
 """
@@ -27,7 +30,7 @@ from fbta.mil.train import seed_everything  # noqa: E402
 from fbta.seg.dataset import PatchSet, cache_path  # noqa: E402
 from fbta.seg.distill import DistillOptions, fit_distill  # noqa: E402
 from fbta.seg.network import create_segnet  # noqa: E402
-from fbta.seg.pipeline import fit_options, resolve_device  # noqa: E402
+from fbta.seg.pipeline import baselines_of, fit_options, resolve_device  # noqa: E402
 from fbta.seg.train import evaluate, fit_teacher  # noqa: E402
 
 VARIANTS = {
@@ -53,6 +56,12 @@ def main() -> None:
     dest = ROOT / "reports" / "bench" / "seg_ablation.partial.json"
     rows: list[dict] = json.loads(dest.read_text()) if dest.exists() else []  # an interrupted run goes on
     done = {(r["seed"], r["model"], r["variant"]) for r in rows}
+    for name, sc in baselines_of(sets["test"], s.sigma, s.threshold).items():  # no training: once, seed "-"
+        if ("-", name, "-") not in done:
+            rows.append({"seed": "-", "model": name, "variant": "-", "test_f1": sc.f1, "test_iou": sc.iou,
+                         "test_tumour_f1_pos": sc.tumour_f1_pos, "test_background_f1_neg": sc.background_f1_neg,
+                         "test_hausdorff": sc.hausdorff})
+            print(json.dumps(rows[-1]), flush=True)
     for seed in args.seeds:
         wanted = [v for v in VARIANTS if v == "full" or seed in ablation_seeds]
         if (seed, "teacher", "-") in done and all((seed, "student", v) in done for v in wanted):
@@ -69,6 +78,7 @@ def main() -> None:
         if (seed, "teacher", "-") not in done:  # same seed → the same teacher (deterministic)
             rows.append({"seed": seed, "model": "teacher", "variant": "-", "val_f1": tr.best.f1, "test_f1": t_test.f1,
                          "test_iou": t_test.iou, "test_hausdorff": t_test.hausdorff, "best_epoch": tr.best_epoch,
+                         "beats_baselines": tr.beats_baselines, "baseline_val_f1": tr.floor,
                          "s_per_epoch": round(t_epoch, 2), "wall_s": round(time.perf_counter() - t0, 1)})
             print(json.dumps(rows[-1]), flush=True)
         state = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -92,6 +102,7 @@ def main() -> None:
             rows.append({"seed": seed, "model": "student", "variant": name, "val_f1": res.best.f1,
                          "test_f1": test.f1, "test_iou": test.iou, "test_hausdorff": test.hausdorff,
                          "best_epoch": res.best_epoch, "reversals": len(res.extra["reversals"]),
+                         "beats_baselines": res.beats_baselines, "baseline_val_f1": res.floor,
                          "beat_teacher_val": bool(res.extra["beat_teacher"]), "s_per_epoch": round(epoch_s, 2),
                          "wall_s": round(time.perf_counter() - t0, 1)})
             print(json.dumps(rows[-1]), flush=True)
@@ -99,9 +110,12 @@ def main() -> None:
     teachers = [r for r in rows if r["model"] == "teacher"]
     fulls = [r for r in rows if r["variant"] == "full"]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    base = {r["model"]: r["test_f1"] for r in rows if r["model"].startswith("baseline_")}
     headline = (f"test F1 teacher {mean(teachers, 'test_f1'):.3f} vs student {mean(fulls, 'test_f1'):.3f}, IoU "
                 f"{mean(teachers, 'test_iou'):.3f} vs {mean(fulls, 'test_iou'):.3f} over seeds {args.seeds}; "
-                f"{sum(r['reversals'] for r in fulls)} role reversal(s)")
+                f"trivial maps: all-background {base.get('baseline_all_background', float('nan')):.3f}, all-tumour "
+                f"{base.get('baseline_all_tumour', float('nan')):.3f}; {sum(r['reversals'] for r in fulls)} role "
+                "reversal(s)")
     record("seg_ablation", {"rows": rows, "params": {"seg": OmegaConf.to_container(cfg.seg)}}, headline)
     dest.unlink(missing_ok=True)
 

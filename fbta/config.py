@@ -46,6 +46,9 @@ class SynthCfg:
     positive_fraction: float = 0.5
     tumour_fraction: float = 0.15  # share of tissue area carrying the signal in positive slides
     tumour_contrast: float = 0.15  # 0..1: how far tumour nuclei differ from normal ones (see benchmarks/synth_difficulty.py)
+    style: str = "texture"  # texture: real H&E (CMU-1) mosaic + tumour cytology | drawn: the Beer-Lambert dot-nuclei model
+    stain_sd: float = 0.15  # texture: per-slide log-scale s.d. of haematoxylin and eosin density (lab/scanner spread)
+    texture: Optional[str] = None  # texture: source image; None: fbta/synth/assets/cmu1_region.jpg
     val_fraction: float = 0.25
     test_fraction: float = 0.25
     mask_downsample: int = 16  # ground-truth mask resolution relative to level 0
@@ -90,6 +93,7 @@ class ExtractCfg:
     num_workers: int = 4  # patch-reading processes (each opens the slide once)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bfloat16/float16 autocast on GPU
+    input_size: int = 0  # px the network sees (patches resized to it); 0: the model's own (224). FBTA's TFE uses it too
 
 
 @dataclass
@@ -116,12 +120,16 @@ class TrainCfg:
 
     method: str = "vanilla"  # vanilla (frozen features → MIL) | fbta (end-to-end, METHODS.md A)
     epochs: int = 200
-    patience: int = 20  # stop after this many epochs without a better validation AUC
+    patience: int = 20  # stop after this many epochs without a better validation AUC (counted from min_epochs)
+    min_epochs: int = 10  # epochs 0…min_epochs−1 are never "best" nor count toward patience (vanilla and FBTA)
     lr: float = 2e-4
     weight_decay: float = 1e-5  # Adam's L2 term
     standardize: bool = True  # heads z-score their input with the training instances' per-feature mean/std
-    ema: bool = False  # validate and save an exponential moving average of the MIL weights
-    ema_alpha: float = 0.999  # EMA decay per optimiser step
+    # vanilla's EMA, the same options as fbta.ema_* (comparisons set them equal; defaults match FBTA's)
+    ema: bool = True  # validate and save an exponential moving average of the MIL weights
+    ema_alpha: float = 0.9  # ema = α·ema + (1 − α)·model
+    ema_every: str = "epoch"  # epoch | step: when the EMA is updated
+    ema_warmup: bool = False  # our choice: decay min(α, (1+n)/(10+n)) at the n-th update (short runs)
     balanced: bool = True  # class-balanced sampling (weights 1/class count, with replacement)
     seed: int = 0  # weights init, sampling order, dropout
     deterministic: bool = True  # torch.use_deterministic_algorithms
@@ -164,15 +172,18 @@ class FBTACfg:
     trainable_extractor: bool = True  # false: the TFE stays frozen (the paper's "freeze TFE" ablation)
     train_blocks: int = -1  # -1: train the whole TFE; n: only its last n blocks (cheap CPU demos)
     freeze_bn: bool = True  # keep the TFE's BatchNorm statistics (a pseudo-bag is a small, one-slide batch)
-    extractor_lr: float = 1e-5  # TFE learning rate (MIL uses train.lr)
+    extractor_lr: float = 1.5e-5  # TFE learning rate (MIL uses train.lr); METHODS.md: ≈ 1e-5–2e-5
     translator_lr: float = 2e-4
     ema_alpha: float = 0.9  # MIL* and TFE*: ema = α·ema + (1 − α)·model
-    ema_every: str = "epoch"  # epoch | step: when the EMA teachers are updated
+    ema_every: str = "epoch"  # epoch | step: when the EMA teachers are updated (paper: epoch)
+    ema_warmup: bool = False  # our choice (METHODS.md A): decay min(α, (1+n)/(10+n)) at the n-th update
     consistency: bool = True  # L_cons with curriculum weight t/T
     augment: AugmentCfg = field(default_factory=AugmentCfg)
     num_workers: int = 2  # patch-reading processes prefetching the next slides' pseudo-bags
     prefetch: int = 2  # pseudo-bags each worker reads ahead
     amp: bool = True  # autocast on CUDA (ignored on CPU)
+    diag_slides: int = 8  # gap_ratio / tfe_drift diagnostics: up to this many validation slides (0: off)
+    diag_patches: int = 8  # … and this many patches of each, drawn once (seeded by train.seed)
 
 
 @dataclass
@@ -266,7 +277,12 @@ class SegCfg:
     out_indices: List[int] = field(default_factory=lambda: [0, 1, 2])  # timm features_only stages → s1, s2, s3
     fusion: str = "fixed"  # fixed | learnable (softmax-normalised weights initialised from fusion_weights)
     fusion_weights: List[float] = field(default_factory=lambda: [0.3, 0.3, 0.4])
-    min_tumour_fraction: float = 0.0  # a patch is positive when its annotated tumour share is above this
+    # Weak patch labels ([choice], fbta/seg/dataset.py): positive = annotated tumour share ≥ min_tumour_fraction
+    # (0.5: the broadcast all-ones target is right on ≥ half the pixels; 0 = any tumour pixel), negative = no
+    # tumour, ambiguous = in between (never trained on; scored as their own group).
+    min_tumour_fraction: float = 0.5
+    negative_margin: float = 0.0  # negatives also need no tumour within this many patch sides around them
+    max_ambiguous: int = 64  # ambiguous patches cached per validation/test split (0: none)
     normal_labels: List[str] = field(default_factory=lambda: ["normal"])  # slides of these labels need no mask
     neg_per_pos: float = 1.0  # negatives kept per positive patch in each split (0: keep all)
     max_train: int = 0  # patches per split after balancing (0: no cap)
@@ -276,9 +292,14 @@ class SegCfg:
     batch_size: int = 16
     input_size: int = 0  # px the network sees (patches resized to it; maps returned at patch size); 0 = patch size
     augment: bool = True  # random flips and 90° rotations of training patches
+    colour_jitter: float = 0.1  # brightness/contrast/saturation factors in U(1 ± x) per training patch (0: off)
+    hed_sigma: float = 0.03  # HED stain jitter of training patches: scale U(1 ± σ), shift U(± σ) (0: off)
     sigma: float = 3.0  # Gaussian smoothing of the fused map before thresholding (metrics)
     threshold: float = 0.5
     overlays: int = 6  # test patches drawn as overlay PNGs
+    slide_maps: int = 3  # test slides drawn as stitched student maps (annotated ones first; 0: none)
+    slide_map_px: int = 1024  # longest side of a slide map's image
+    slide_map_max_patches: int = 4000  # a slide with more tiled patches is drawn from a seeded sample of this many
     device: str = "auto"
     deterministic: bool = True
     teacher: SegTeacherCfg = field(default_factory=SegTeacherCfg)

@@ -28,8 +28,25 @@ def summarise(out: Path, with_metrics: bool = True) -> str:
     if with_metrics and metrics.exists():
         from fbta.stages.report import results_table
 
-        lines.append(results_table(json.loads(metrics.read_text())))
+        results = json.loads(metrics.read_text())
+        lines.append(results_table(results))
+        note = small_test_note(results)
+        if note:
+            lines.append(note)
     return "\n".join(lines) if lines else f"no reports under {out}/reports yet"
+
+
+SMALL_TEST = 40  # below this, one misranked slide moves a balanced split's AUC by > 0.05 (2/n)
+
+
+def small_test_note(results: dict) -> str:
+    """A warning when the classification test split is too small to rank methods on."""
+    ns = [int(v["n"]) for v in results.get("classification", {}).values() if isinstance(v, dict) and v.get("n")]
+    if not ns or min(ns) >= SMALL_TEST:
+        return ""
+    return (f"note: {min(ns)} test slides cannot rank methods (one slide moves AUC by up to "
+            f"{2 / min(ns):.2f} with balanced classes); compare vanilla and FBTA with "
+            "benchmarks/fbta_protocol.py (k-fold or few-shot, paired deltas) — figures in BENCHMARKS.md")
 
 
 def main(argv: list[str] | None = None) -> int:

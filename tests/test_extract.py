@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from fbta.cli import main
+from fbta.config import load_config
 from fbta.features.extract import SlidePatches, extract_patches
 from fbta.features.registry import create_extractor
 from fbta.io.h5 import feature_files, read_coords, read_features, write_features
 from fbta.slides.reader import open_slide
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MODEL = "test_resnet"
 
@@ -48,7 +51,8 @@ def test_features_file_matches_the_contract_and_the_coords_order(tiled, capsys):
     with h5py.File(fpath) as f:
         assert f["coords"].attrs["patch_size"] == 256  # coords attributes travel with the features
     # row i is the feature of the patch at coords[i]
-    ext = create_extractor(MODEL, weights="random")
+    assert attrs["input_size"] == load_config(ROOT / "params.yaml").extract.input_size  # extract.input_size reached the net
+    ext = create_extractor(MODEL, weights="random", input_size=attrs["input_size"])
     with open_slide(tiled["slides"] / "cmu-1-small-region.svs") as s:
         x, y = coords[5]
         patch = torch.from_numpy(s.read_patch(int(x), int(y), 0, 256, 256))[None]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fbta.config import InputError
-from fbta.e2e.augment import Augment, hed_jitter, hue_shift
+from fbta.features.augment import Augment, hed_jitter, hue_shift
 from fbta.e2e.pseudobags import ClusterError, EpochPlan, PseudoBag, draw_subset, read_cluster_labels
 from fbta.e2e.step import FBTAModels, StepOptions, ema_update, fbta_step
 from fbta.e2e.trainer import extractor_units, prepare_tfe
@@ -184,6 +184,7 @@ def test_fbta_is_plug_and_play_over_every_mil_head(arch: str) -> None:
 def test_eb_only_view_leaves_the_translator_to_l_dist_alone() -> None:
     m = _models()
     bag = _bag(m, 30, 6)  # frozen features from the initial extractor
+    frozen_state = {k: v.clone() for k, v in m.tfe_ema.state_dict().items()}  # FFE = the initial TFE*
     with torch.no_grad():  # let the teacher drift so that L_dist is not zero
         for p in m.tfe_ema.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -191,8 +192,10 @@ def test_eb_only_view_leaves_the_translator_to_l_dist_alone() -> None:
     assert stats["l_dist"] > 0
     assert m.translator.w2.grad is not None  # L_dist reaches it
     m.translator.zero_grad(set_to_none=True)
-    m.tfe_ema.load_state_dict(m.tfe.state_dict())
-    fbta_step(m, bag, 0.0, StepOptions(views=("eb",)), torch.device("cpu"))
+    # back to FFE (not to the TFE's state: its forward in train mode moved its BatchNorm statistics)
+    m.tfe_ema.load_state_dict(frozen_state)
+    again = fbta_step(m, bag, 0.0, StepOptions(views=("eb",)), torch.device("cpu"))
+    assert again["l_dist"] < 1e-8
     assert m.translator.w2.grad.abs().max() < 1e-6  # no drift, no EB→translator path: nothing to learn
 
 

@@ -65,12 +65,33 @@ def test_fbta_training_writes_the_deployable_model_and_its_history(trained) -> N
     assert meta["translator"] == {"dim": 256, "k": 3, "hidden": 64, "layernorm": False}
     assert meta["extractor"]["trained_units"] == ["conv_head", "bn2"] and meta["n_clusters"] == 4
     header = (folder / "history.csv").read_text().splitlines()[0].split(",")
-    for col in ("l_cls", "l_dist", "l_cons", "extractor_s", "translator_s", "mil_s", "sampling_s", "n_subset"):
+    for col in ("l_cls", "l_dist", "l_cons", "extractor_s", "translator_s", "mil_s", "sampling_s", "n_subset",
+                "l_cls_fb", "l_cls_eb", "l_cls_tb", "gap_ratio", "tfe_drift", "tumour_share", "ema_decay"):
         assert col in header
     model = load_classifier(folder)
     feats, _, _ = read_features(next((out / "features" / "test_efficientnet" / "h5_files").glob("*.h5")))
     p = model.predict_proba(feats)
     assert p.shape == (2,) and abs(p.sum() - 1) < 1e-5
+
+
+def test_every_epoch_records_the_diagnostics_and_the_selection_rule_holds(trained) -> None:
+    import csv
+
+    out, _ = trained
+    folder = out / "models" / "fbta_abmil"
+    rows = list(csv.DictReader(open(folder / "history.csv")))
+    assert len(rows) == 2
+    for r in rows:
+        assert float(r["l_cls"]) == pytest.approx(sum(float(r[f"l_cls_{v}"]) for v in ("fb", "eb", "tb")), rel=1e-4)
+        # TFE* moved, so the gap is measured (its size says little after 2 epochs of a random tiny extractor)
+        assert float(r["tfe_drift"]) > 0 and 0 < float(r["gap_ratio"]) < float("inf")
+        assert 0.0 <= float(r["tumour_share"]) <= 1.0  # the synthetic cohort has masks
+    # per-epoch EMA with warm-up (params.yaml): decays 1/10, 2/11
+    assert [float(r["ema_decay"]) for r in rows] == pytest.approx([0.1, 2 / 11], rel=1e-4)
+    # 2 epochs < train.min_epochs=3: epoch 0 is never best, the run keeps its last epoch
+    assert [int(r["best"]) for r in rows] == [0, 1]
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["epoch"] == 1 and meta["ema_every"] == "epoch" and meta["ema_warmup"] is True
 
 
 def test_the_ema_extractor_moved_only_in_its_trained_units(trained) -> None:

@@ -15,7 +15,7 @@ SMALL = ["synth.n_slides=8", "synth.width=1280", "synth.height=1280", "synth.tum
 TINY_NET = ["seg.backbone=test_efficientnet", "seg.weights=random", "seg.input_size=64", "seg.batch_size=4",
             "seg.max_train=16", "seg.max_val=8", "seg.max_test=8", "seg.overlays=3", "seg.device=cpu",
             "seg.teacher.epochs=2", "seg.distill.epochs=2", "seg.distill.reversal_start=1",
-            "seg.distill.reversal_every=1"]
+            "seg.distill.reversal_every=1", "seg.max_ambiguous=4", "seg.slide_maps=2", "seg.slide_map_px=256"]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,12 @@ def test_teacher_then_distill_write_models_metrics_pseudo_masks_and_overlays(coh
     assert main(["seg-teacher", *cohort]) == 0
     first = capsys.readouterr().out
     assert "cached" in first and "seg-teacher: best epoch" in first
+    assert "seg: weak labels — positive: tumour share ≥ 0.5" in first and "ambiguous" in first
+    assert "seg-teacher: epoch 2/2" in first and " s" in first  # one line per epoch with its wall time
+    assert "baseline_all_background" in first and "baseline_all_tumour" in first  # the printed table
     assert main(["seg-distill", *cohort]) == 0
-    assert "role reversal" in capsys.readouterr().out
+    second = capsys.readouterr().out
+    assert "role reversal" in second and "baseline_all_tumour" in second and "seg-distill: slide maps" in second
 
     for role in ("teacher", "student"):
         meta = json.loads((out / f"models/seg_{role}/meta.json").read_text())
@@ -45,18 +49,33 @@ def test_teacher_then_distill_write_models_metrics_pseudo_masks_and_overlays(coh
     merged = json.loads((out / "reports/metrics.json").read_text())
     for frag, role in ((frag_t, "teacher"), (frag_s, "student")):
         entry = frag["segmentation"][role]
-        assert {"f1", "iou", "hausdorff", "n", "n_pos"} <= set(entry) and entry["n"] == 8
+        assert {"f1", "iou", "hausdorff", "tumour_f1_pos", "tumour_iou_pos", "background_f1_neg", "ambiguous_f1",
+                "n", "n_pos", "n_neg", "n_ambiguous", "beats_baselines"} <= set(entry)
+        assert entry["n"] == entry["n_pos"] + entry["n_neg"] <= 8 and entry["n_ambiguous"] <= 4
         assert merged["segmentation"][role] == entry
     assert isinstance(frag_s["segmentation"]["student"]["reversals"], int)
+    for name in ("baseline_all_background", "baseline_all_tumour"):
+        base = merged["segmentation"][name]
+        assert {"f1", "iou", "tumour_f1_pos", "background_f1_neg", "val_f1"} <= set(base)
+    assert merged["segmentation"]["baseline_all_background"]["tumour_f1_pos"] == 0.0
+    assert merged["segmentation"]["baseline_all_background"]["background_f1_neg"] == 1.0
 
     with h5py.File(out / "seg/patches/train.h5") as f:
-        labels, n = f["labels"][:], len(f["images"])
-        assert n == 16 and 0 < labels.sum() < n and f["masks"].shape == (16, 256, 256)
+        labels, n, group = f["labels"][:], len(f["images"]), f["group"][:]
+        assert n <= 16 and 0 < labels.sum() < n and f["masks"].shape == (n, 256, 256)
+        assert 2 not in group.tolist()  # ambiguous patches are never cached for training
+        share = f["fraction"][:]
+        assert (share[labels == 1] >= 0.5).all() and (share[labels == 0] == 0).all()
     for role in ("teacher", "student"):
         with h5py.File(out / f"seg/pseudo_masks/{role}_train.h5") as f:
-            assert f["probs"].shape == (16, 256, 256) and f["probs"].dtype == np.uint8
+            assert f["probs"].shape == (n, 256, 256) and f["probs"].dtype == np.uint8
     pngs = sorted(p.name for p in (out / "reports/plots/segmentation/student").glob("*.png"))
     assert "overview.png" in pngs and len(pngs) == 4
+    maps = sorted((out / "reports/plots/segmentation/slides").glob("seg_slide_*.png"))
+    assert 1 <= len(maps) <= 2
+    for role in ("teacher", "student"):
+        meta = json.loads((out / f"models/seg_{role}/meta.json").read_text())
+        assert isinstance(meta["beats_baselines"], bool) and 0 <= meta["baseline_val_f1"] <= 1
 
     seg = load_segmenter(out / "models/seg_student")
     with h5py.File(out / "seg/patches/test.h5") as f:

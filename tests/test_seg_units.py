@@ -248,3 +248,201 @@ def test_role_reversal_swaps_when_the_student_beats_the_best_and_never_crashes_w
     off = fit_distill(_net(), _net(), -1.0, train, val, _opts(2),
                       DistillOptions(role_reversal=False, weighted_ce=False, kd="blockwise"), torch.device("cpu"))
     assert off.extra["reversals"] == []
+
+
+# ------------------------------------------------------------------------------------------ weak labels (#15)
+
+def test_weak_groups_threshold_the_tumour_share_and_leave_the_in_between_out():
+    from fbta.seg.dataset import weak_groups
+    from fbta.seg.metrics import AMBIGUOUS, NEG, POS
+
+    f = np.array([0.0, 0.01, 0.49, 0.5, 1.0])
+    assert weak_groups(f, 0.5).tolist() == [NEG, AMBIGUOUS, AMBIGUOUS, POS, POS]
+    assert weak_groups(f, 0.0).tolist() == [NEG, POS, POS, POS, POS]  # the old "any tumour pixel" rule
+    near = np.array([0.2, 0.2, 0.6, 0.7, 1.0])  # tumour in the margin window around the tumour-free patch
+    assert weak_groups(f, 0.5, near).tolist() == [AMBIGUOUS, AMBIGUOUS, AMBIGUOUS, POS, POS]
+
+
+def _index(groups_by_split: dict[str, list[int]]):
+    from fbta.seg.dataset import SlidePatchIndex
+    from fbta.slides.cohort import SlideEntry
+
+    out = []
+    for part, groups in groups_by_split.items():
+        g = np.array(groups, np.uint8)
+        fraction = np.where(g == 1, 0.8, np.where(g == 2, 0.1, 0.0))
+        entry = SlideEntry.__new__(SlideEntry)
+        out.append(SlidePatchIndex(entry, part, np.zeros((len(g), 2), np.int64), {}, fraction, None, g))
+    return out
+
+
+def test_selection_of_cached_patches_never_trains_on_ambiguous_ones_and_caps_them_for_evaluation():
+    from omegaconf import OmegaConf
+
+    from fbta.seg.dataset import select
+
+    cfg = OmegaConf.create({"seg": {"neg_per_pos": 1.0, "max_train": 0, "max_val": 0, "max_test": 0, "data_seed": 0,
+                                    "max_ambiguous": 3}})
+    groups = [1] * 4 + [0] * 10 + [2] * 6
+    index = _index({"train": groups, "val": groups})
+    train = select(index, "train", cfg, 0)
+    val = select(index, "val", cfg, 1)
+    g_train = [int(index[si].group[pi]) for si, pi in train]
+    g_val = [int(index[si].group[pi]) for si, pi in val]
+    assert 2 not in g_train and g_train.count(1) == 4 and g_train.count(0) == 4  # balanced, no ambiguous
+    assert g_val.count(2) == 3 and g_val.count(1) == 4 and g_val.count(0) == 4
+
+
+def test_train_batches_skip_ambiguous_patches():
+    from fbta.seg.metrics import AMBIGUOUS, NEG, POS
+    from fbta.seg.train import train_batches
+
+    n = 12
+    images = np.full((n, 16, 16, 3), 200, np.uint8)
+    group = np.array([POS, NEG, AMBIGUOUS] * 4, np.uint8)
+    images[group == AMBIGUOUS] = 0  # marks them: a black patch must never reach a batch
+    ps = PatchSet.from_arrays(images, (group == POS).astype(float), np.zeros((n, 16, 16), bool), group=group)
+    assert ps.counts()["ambiguous"] == 4 and ps.trainable().tolist() == np.flatnonzero(group != AMBIGUOUS).tolist()
+    net = _net()
+    opts = FitOptions(epochs=1, lr=1e-3, weight_decay=0.0, batch_size=2, colour=0.1, hed_sigma=0.03)
+    seen = 0
+    for _ in range(3):
+        for x, y in train_batches(ps, opts, torch.Generator().manual_seed(0), torch.device("cpu"), net):
+            raw = x * net.std + net.mean  # back to [0, 1]
+            assert raw.flatten(1).max(1).values.min() > 0.5  # no black (ambiguous) patch
+            seen += len(x)
+    assert seen == 3 * 8
+
+
+def test_colour_augmentation_is_mild_and_seeded():
+    from fbta.seg.augment import colour
+
+    x = torch.rand(4, 3, 8, 8)
+    a = colour(x, 0.1, 0.03, torch.Generator().manual_seed(1))
+    b = colour(x, 0.1, 0.03, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    assert 0 < (a - x).abs().mean() < 0.1
+    assert torch.equal(colour(x, 0.0, 0.0), x.clamp(0, 1))
+
+
+# ------------------------------------------------------------------------------------------ baselines (#15)
+
+def test_trivial_baselines_score_known_values_on_hand_made_masks():
+    from fbta.seg.metrics import AMBIGUOUS, NEG, POS, baseline_scores, selection_floor
+
+    half = np.zeros((64, 64), bool)
+    half[:, :32] = True  # a positive patch, half tumour
+    sliver = np.zeros((64, 64), bool)
+    sliver[:, :4] = True  # an ambiguous patch
+    truths = np.stack([half, np.zeros_like(half), sliver])
+    groups = np.array([POS, NEG, AMBIGUOUS])
+    b = baseline_scores(truths, 3.0, 0.5, groups)
+    ones, zeros = b["all_tumour"], b["all_background"]
+    # all-ones on a half-tumour mask: tp = 1/2, fp = 1/2, fn = 0 → F1 = 2/3, IoU = 1/2
+    assert ones.tumour_f1_pos == pytest.approx(2 / 3) and ones.tumour_iou_pos == pytest.approx(0.5)
+    assert ones.background_f1_neg == 0.0  # tumour called everywhere on the tumour-free patch
+    assert ones.f1 == pytest.approx((2 / 3 + 0) / 2) and ones.iou == pytest.approx(0.25)
+    assert ones.ambiguous_f1 == pytest.approx(2 * 4 / (2 * 4 + 60))  # outside the mean
+    assert ones.hausdorff == pytest.approx(32.0)  # the farthest predicted pixel from the tumour half
+    assert zeros.tumour_f1_pos == 0.0 and zeros.background_f1_neg == 1.0 and zeros.f1 == pytest.approx(0.5)
+    assert zeros.hausdorff == pytest.approx(math.hypot(64, 64))  # empty prediction: the diagonal
+    assert (ones.n, ones.n_pos, ones.n_neg, ones.n_ambiguous) == (2, 1, 1, 1)
+    assert selection_floor(b) == pytest.approx(0.5)
+
+
+def test_ambiguous_patches_are_their_own_group_in_model_scores():
+    from fbta.seg.metrics import AMBIGUOUS, POS
+
+    truth = np.zeros((2, 32, 32), bool)
+    truth[:, :, :16] = True
+    probs = np.stack([truth[0].astype(np.float32), np.zeros((32, 32), np.float32)])
+    sc = score_maps(probs, truth, 1.0, 0.5, np.array([POS, AMBIGUOUS]))
+    assert sc.n == 1 and sc.n_ambiguous == 1 and sc.f1 > 0.9 and sc.ambiguous_f1 == 0.0
+
+
+# ------------------------------------------------------------------------------------------ selection (#15)
+
+def test_selection_only_considers_epochs_that_beat_the_baselines():
+    from fbta.seg.metrics import summarise
+    from fbta.seg.train import EpochLog, Selection
+
+    def ep(i: int, f1: float) -> EpochLog:
+        sc = summarise([])
+        sc.f1 = f1
+        return EpochLog(i, 0.0, sc, 0.0)
+
+    sel = Selection(0.5)
+    picks = [sel.offer(ep(i + 1, f), lambda i=i: {"epoch": torch.tensor(i + 1)}) for i, f in
+             enumerate([0.45, 0.5, 0.48, 0.62, 0.60, 0.62])]
+    assert picks == [False, False, False, True, False, False]  # ties and ≤ floor never selected
+    best, state = sel.chosen()
+    assert sel.beats_baselines and best.epoch == 4 and int(state["epoch"]) == 4
+    never = Selection(0.7)
+    assert not any(never.offer(ep(i + 1, f), lambda i=i: {"epoch": torch.tensor(i + 1)})
+                   for i, f in enumerate([0.45, 0.66, 0.5]))
+    best, state = never.chosen()
+    assert not never.beats_baselines and best.epoch == 2 and int(state["epoch"]) == 2  # the flagged fallback
+
+
+def test_teacher_and_student_selection_refuse_epochs_below_the_baselines():
+    train, val = _toy_set(8), _toy_set(4, seed=1)
+    torch.manual_seed(0)
+    calls: list[bool] = []
+    res = fit_teacher(_net(), train, val, _opts(2), torch.device("cpu"), lambda ep, imp: calls.append(imp), floor=2.0)
+    assert not res.beats_baselines and calls == [False, False] and res.floor == 2.0
+    assert res.best.f1 == max(e.val.f1 for e in res.history)  # fallback: kept, but flagged
+    auto = fit_teacher(_net(), train, val, _opts(2), torch.device("cpu"))
+    assert auto.floor == pytest.approx(0.5)  # balanced toy val: all-background scores 0.5
+    assert set(auto.baselines) == {"all_background", "all_tumour"}
+    assert not auto.beats_baselines or auto.best.f1 > auto.floor
+    assert all(e.extra["beats_baselines"] == float(e.val.f1 > auto.floor) for e in auto.history)
+    torch.manual_seed(0)
+    dist = fit_distill(_net(), _net(), -1.0, train, val, _opts(2), DistillOptions(reversal_start=1, reversal_every=1),
+                       torch.device("cpu"), floor=2.0)
+    assert not dist.beats_baselines and dist.extra["reversals"]  # reversal still follows its own rule
+
+
+def test_scores_table_and_the_one_line_no_beat_message():
+    from fbta.seg.metrics import baseline_scores
+    from fbta.seg.pipeline import no_beat_line, scores_table
+    from fbta.seg.train import FitResult
+
+    truth = np.zeros((2, 16, 16), bool)
+    truth[0, :8] = True
+    base = baseline_scores(truth, 1.0, 0.5)
+    table = scores_table("t", {f"baseline_{k}": v for k, v in base.items()})
+    assert "baseline_all_background" in table and "baseline_all_tumour" in table and "tF1+" in table
+    res = FitResult({}, 3, base["all_tumour"], [], beats_baselines=False, floor=0.5, baselines=base)
+    line = no_beat_line("seg-teacher", res)
+    assert len(line.splitlines()) == 1 and "beats_baselines=false" in line and "epoch 3" in line
+
+
+# ------------------------------------------------------------------------------------------ slide maps (#15)
+
+def test_slide_map_stitches_patch_predictions_over_the_slide(tmp_path: Path):
+    from fbta.seg.slide_map import pick_slides, slide_map
+
+    img = np.full((512, 768, 3), 235, np.uint8)
+    img[:256, :256] = (90, 40, 120)  # the "tumour": top-left patch
+    Image.fromarray(img).save(tmp_path / "s.png")
+    coords = np.array([[0, 0], [256, 0], [0, 256], [512, 256]])
+    attrs = {"patch_size": 256, "patch_level": 0, "level_dim": [768, 512], "downsample": [1.0, 1.0],
+             "patch_size_level0": 256, "mpp": 0.5}
+    annotation = np.zeros((32, 48), bool)  # a 1/16 downsample of level 0
+    annotation[:16, :16] = True
+    seen: list[int] = []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        seen.append(len(x))
+        return (x[..., 1] < 128).astype(np.float32)  # dark green channel → tumour
+
+    pic, info = slide_map("s", tmp_path / "s.png", coords, attrs, predict, csv_mpp=0.5, annotation=annotation,
+                          max_px=384, batch=3, sigma=1.0)
+    assert seen == [3, 1] and info.patches == info.tiled == 4 and info.background == "slide"
+    assert info.dice is not None and info.dice > 0.95 and 0.2 < info.tumour_px < 0.3
+    assert pic.width == 2 * 384 + 8 and pic.height > 256  # probability | prediction as scored
+    sampled = slide_map("s", tmp_path / "s.png", coords, attrs, predict, csv_mpp=0.5, max_px=384, max_patches=2)[1]
+    assert sampled.patches == 2 and sampled.tiled == 4 and sampled.dice is None
+    assert pick_slides([("a", True), ("b", False), ("c", True), ("d", True)], 3) == ["a", "c", "b"]
+    assert pick_slides([("b", False), ("e", False)], 3) == ["b", "e"]
+    assert pick_slides([("a", True)], 0) == []

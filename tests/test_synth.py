@@ -26,7 +26,7 @@ W, H = 1024, 1280  # not square: masks must keep level 0's aspect ratio
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("cohort")
-    cfg = SynthCfg(n_slides=6, width=W, height=H, seed=11, tumour_contrast=1.0)  # full contrast: texture tests
+    cfg = SynthCfg(n_slides=6, width=W, height=H, seed=11, tumour_contrast=1.0, style="drawn")  # full contrast
     records = make_cohort(cfg, root / "slides", root / "labels.csv", root / "masks", progress=False)
     arrays = [make_slide(slide_rng(cfg.seed, i), W, H, r["label"] == "tumour", cfg.tumour_fraction,
                          contrast=cfg.tumour_contrast) for i, r in enumerate(records)]

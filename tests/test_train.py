@@ -126,13 +126,19 @@ def test_every_head_trains_two_epochs_and_draws_a_heatmap(arch: str, tmp_path: P
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path: Path, capsys) -> None:
     ov = make_cohort(tmp_path, n_per_class=4) + SMALL_HEADS["abmil"]
-    # lr=0: the weights never change, so epoch 0 stays the best and training stops after `patience` more
-    assert fbta("train", *ov, "train.epochs=50", "train.patience=3", "train.lr=0") == 0
+    # lr=0: the weights never change. Epochs 0-2 (< train.min_epochs) are never best and not counted toward
+    # patience, so epoch 3 is the best and training stops after `patience` more
+    assert fbta("train", *ov, "train.epochs=50", "train.patience=3", "train.min_epochs=3", "train.lr=0") == 0
     rows = history(tmp_path / "out")
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3] and [int(r["best"]) for r in rows] == [1, 0, 0, 0]
+    assert [int(r["epoch"]) for r in rows] == list(range(7))
+    assert [int(r["best"]) for r in rows] == [0, 0, 0, 1, 0, 0, 0]
     meta = json.loads((tmp_path / "out/models/vanilla_abmil/meta.json").read_text())
-    assert meta["stopped_early"] and meta["epoch"] == 0 and meta["epochs_run"] == 4
-    assert "stopped early after 4 epochs" in capsys.readouterr().out
+    assert meta["stopped_early"] and meta["epoch"] == 3 and meta["epochs_run"] == 7
+    assert "stopped early after 7 epochs" in capsys.readouterr().out
+    # min_epochs=0: the old rule, epoch 0 is the first best
+    assert fbta("train", *ov, f"data.out={tmp_path}/old", "train.epochs=50", "train.patience=3", "train.min_epochs=0",
+                "train.lr=0") == 0
+    assert [int(r["best"]) for r in history(tmp_path / "old")] == [1, 0, 0, 0]
 
 
 def test_same_seed_same_history_and_ema_is_what_gets_saved(tmp_path: Path) -> None:
@@ -143,9 +149,12 @@ def test_same_seed_same_history_and_ema_is_what_gets_saved(tmp_path: Path) -> No
         assert fbta("train", *ov, f"data.out={tmp_path}/{out}", loading, "train.num_workers=1") == 0
         runs.append([{k: v for k, v in r.items() if k != "seconds"} for r in history(tmp_path / out)])
     assert runs[0] == runs[1]
-    assert fbta("train", *ov, f"data.out={tmp_path}/ema", "train.ema=true", "train.ema_alpha=0.9") == 0
+    assert fbta("train", *ov, f"data.out={tmp_path}/ema", "train.ema=true", "train.ema_alpha=0.8") == 0
     meta = json.loads((tmp_path / "ema/models/vanilla_abmil/meta.json").read_text())
-    assert meta["weights"] == "ema" and meta["ema_alpha"] == 0.9
+    assert meta["weights"] == "ema" and meta["ema_alpha"] == 0.8
+    assert fbta("train", *ov, f"data.out={tmp_path}/raw", "train.ema=false") == 0
+    meta = json.loads((tmp_path / "raw/models/vanilla_abmil/meta.json").read_text())
+    assert meta["weights"] == "raw" and meta["ema_alpha"] is None and "ema_decay" not in history(tmp_path / "raw")[0]
 
 
 def test_a_split_is_drawn_once_then_reused_and_a_conflicting_one_is_refused(tmp_path: Path, capsys) -> None:

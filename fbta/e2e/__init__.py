@@ -6,6 +6,7 @@ Where things are:
 - ``translator.py`` — the K-head residual translator f_T;
 - ``step.py`` — **the FBTA step**: three views, three losses, one backward;
 - ``trainer.py`` — epochs, EMA teachers, validation on the deployed path;
+- ``diagnostics.py`` — per-epoch gap_ratio / tfe_drift on validation patches, tumour share of pseudo-bags;
 - ``build.py`` — params.yaml → models, data and options;
 - ``classifier.py`` — the deployable (translator →) MIL classifier;
 - ``reextract.py`` — the expensive comparison: re-encode every patch with TFE*.

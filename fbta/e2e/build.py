@@ -6,13 +6,14 @@ exactly what ``fbta train train.method=fbta`` builds.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fbta.config import ConfigError
-from fbta.e2e.augment import Augment
+from fbta.features.augment import Augment
+from fbta.e2e.diagnostics import ProbePatches, choose_probe
 from fbta.e2e.pseudobags import SAMPLING, PseudoBags, SlideSource
 from fbta.e2e.step import VIEWS, FBTAModels, StepOptions
 from fbta.e2e.trainer import EMA_EVERY, FBTAOptions, prepare_tfe
@@ -41,20 +42,37 @@ def check_fbta_config(cfg: DictConfig) -> None:
         raise ConfigError(f"fbta.ema_alpha={f.ema_alpha} must be in [0, 1)")
     if f.m < 1 or f.k < 1:
         raise ConfigError(f"fbta.m={f.m} and fbta.k={f.k} must be ≥ 1")
+    if f.diag_slides < 0 or f.diag_patches < 0:
+        raise ConfigError(f"fbta.diag_slides={f.diag_slides} and fbta.diag_patches={f.diag_patches} must be ≥ 0")
 
 
-def slide_sources(cfg: DictConfig, items: Sequence[BagItem]) -> list[SlideSource]:
-    """Each training slide's file (for patch pixels) and clusters (for the strata)."""
+def slide_sources(cfg: DictConfig, items: Sequence[BagItem], missing_ok: bool = False) -> list[SlideSource]:
+    """Each slide's file (for patch pixels), clusters (for the strata) and annotation mask, if any.
+
+    ``missing_ok``: leave out slides whose file is not there (the validation probe) instead of failing.
+    """
     entries = read_labels(cfg.data.labels, cfg.data.slides)
     folder = clusters_dir(cfg)
+    masks = Path(cfg.data.masks) if cfg.data.masks else None
     out = []
     for it in items:
         entry = entries[it.slide_id]
         if not entry.path.exists():
+            if missing_ok:
+                continue
             raise CohortError(f"{entry.path}: slide file of '{it.slide_id}' not found; FBTA re-reads patches "
                               "of the training slides (set data.slides)")
-        out.append(SlideSource(it, entry.path, folder / f"{it.slide_id}.h5", entry.mpp))
+        mask = masks / f"{it.slide_id}.png" if masks is not None else None
+        out.append(SlideSource(it, entry.path, folder / f"{it.slide_id}.h5", entry.mpp,
+                               mask if mask is not None and mask.is_file() else None))
     return out
+
+
+def probe_patches(cfg: DictConfig, val_items: Sequence[BagItem]) -> Optional[ProbePatches]:
+    """The fixed validation patches of the gap_ratio / tfe_drift diagnostics (None: fbta.diag_* = 0 or no slide)."""
+    f = cfg.fbta
+    return choose_probe(slide_sources(cfg, val_items, missing_ok=True), f.diag_slides, f.diag_patches,
+                        cfg.train.seed)
 
 
 def pseudo_bags(cfg: DictConfig, items: Sequence[BagItem]) -> PseudoBags:
@@ -63,7 +81,8 @@ def pseudo_bags(cfg: DictConfig, items: Sequence[BagItem]) -> PseudoBags:
 
 def build_tfe(cfg: DictConfig, in_dim: int, device: torch.device, features_weights: str | None) -> tuple[Extractor, list[str]]:
     """The trainable extractor, initialised from the frozen one's weights; checked against the cached features."""
-    tfe = create_extractor(cfg.extract.model, weights=cfg.extract.weights, trainable=True, device=device)
+    tfe = create_extractor(cfg.extract.model, weights=cfg.extract.weights, trainable=True, device=device,
+                           input_size=cfg.extract.input_size)
     if tfe.dim != in_dim:
         raise ConfigError(f"extract.model={cfg.extract.model} gives {tfe.dim}-d features but the cached features "
                           f"are {in_dim}-d: FBTA's extractor must be the one that made them")
@@ -88,7 +107,8 @@ def options(cfg: DictConfig) -> FBTAOptions:
     step = StepOptions(views=tuple(f.views), consistency=f.consistency, augment=aug, amp=f.amp)
     return FBTAOptions(epochs=f.epochs if f.epochs is not None else t.epochs, patience=t.patience, lr=t.lr, translator_lr=f.translator_lr,
                        extractor_lr=f.extractor_lr, weight_decay=t.weight_decay, ema_alpha=f.ema_alpha,
-                       ema_every=f.ema_every, balanced=t.balanced, seed=t.seed, num_workers=f.num_workers,
+                       ema_every=f.ema_every, ema_warmup=f.ema_warmup, min_epochs=t.min_epochs,
+                       balanced=t.balanced, seed=t.seed, num_workers=f.num_workers,
                        prefetch=f.prefetch, progress=cfg.run.progress, step=step)
 
 
@@ -117,5 +137,6 @@ def load_ema_extractor(folder: Path, meta: dict[str, Any], device: torch.device)
     spec = meta.get("extractor")
     if not spec:
         raise CheckpointError(f"{folder}: not an FBTA model (meta.json has no extractor)")
-    tfe = create_extractor(spec["extractor"], weights="random", trainable=False, device=device)
+    tfe = create_extractor(spec["extractor"], weights="random", trainable=False, device=device,
+                           input_size=spec.get("input_size"))
     return load_weights(tfe, Path(folder) / spec.get("file", EXTRACTOR), device, f"{spec['extractor']} extractor")

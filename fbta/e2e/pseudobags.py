@@ -26,7 +26,8 @@ from torch.utils.data import Dataset, Sampler
 from fbta.config import InputError
 from fbta.features.extract import SlidePatches
 from fbta.features.kmeans import random_pseudo_bag, stratified_pseudo_bag
-from fbta.io.h5 import _py, read_features
+from fbta.e2e.diagnostics import slide_on_tumour
+from fbta.io.h5 import _py, read_coords, read_features
 from fbta.mil.data import BagItem
 
 SAMPLING = ("kmeans", "random")
@@ -44,6 +45,7 @@ class SlideSource:
     slide_path: Path
     clusters_path: Path
     csv_mpp: Optional[float] = None
+    mask_path: Optional[Path] = None  # data.masks/<slide_id>.png if there is one (tumour_share diagnostic)
 
 
 class PseudoBag(NamedTuple):
@@ -55,6 +57,7 @@ class PseudoBag(NamedTuple):
     idx: Tensor  # |idx| int64 indices into features/coords, ascending
     pixels: Tensor  # |idx|×H×W×3 uint8, X_SB, same order as idx
     read_seconds: float  # worker time to draw the subset and decode its patches
+    n_tumour: float = float("nan")  # drawn patches whose centre is on annotated tumour (NaN: slide has no mask)
 
 
 def read_cluster_labels(path: Path, n_patches: int, n_clusters: int) -> np.ndarray:
@@ -100,6 +103,10 @@ class PseudoBags(Dataset):
         self._readers: dict[int, SlidePatches] = {}  # per worker: slide opened once
         for src in self.sources:  # fail before the first epoch, not in a worker hours later
             read_cluster_labels(src.clusters_path, src.item.n, n_clusters)
+        # per-patch "centre on tumour" flags of the slides with a mask (diagnostics only), computed once
+        self.on_tumour: list[Optional[np.ndarray]] = [
+            slide_on_tumour(src.mask_path, *read_coords(src.item.path)) if src.mask_path is not None else None
+            for src in self.sources]
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -119,8 +126,10 @@ class PseudoBags(Dataset):
         idx = draw_subset(clusters, self.m, self.sampling, np.random.default_rng(seed))
         reader = self._reader(i, coords, attrs)
         pixels = torch.stack([reader[int(j)] for j in idx])
+        on = self.on_tumour[i]
+        n_tumour = float(on[idx].sum()) if on is not None and len(on) == len(feats) else float("nan")
         return PseudoBag(i, torch.tensor(src.item.label), torch.from_numpy(feats), torch.from_numpy(idx),
-                         pixels, time.perf_counter() - t0)
+                         pixels, time.perf_counter() - t0, n_tumour)
 
     def _reader(self, i: int, coords: np.ndarray, attrs: dict) -> SlidePatches:
         if i not in self._readers:

@@ -9,12 +9,17 @@
     L_cons = Σ_v 1 − cos(softmax MIL(F_v), softmax MIL*(F_v))
     L = L_dist + L_cls + (t/T)·L_cons
 
-``‖·‖²`` is averaged per feature element (MSE) — our choice, so that the
-term's scale depends on neither the feature size D nor C·M.
+``‖·‖²`` is the spec's: each instance's squared L2 norm **summed over the
+feature dimension D**, then averaged over the C·M instances and the K heads
+(:func:`distillation_loss`). Averaging over D as well (an element-wise MSE)
+would shrink the term ~D-fold (1/1280 for EfficientNet-Lite0) and leave the
+translator to L_cls alone, so F_TB would never approach TFE*.
+
+The EMA teachers (MIL*, TFE*) are updated by the trainer through the shared
+:class:`fbta.mil.train.EMA` (the vanilla trainer's too), not here.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -23,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fbta.e2e.augment import Augment
+from fbta.features.augment import Augment
 from fbta.e2e.pseudobags import PseudoBag
 from fbta.e2e.translator import Translator
 from fbta.features.registry import Extractor
 from fbta.mil.registry import MILHead
+from fbta.mil.train import ema_update, frozen_copy as _frozen_copy
 
 VIEWS = ("fb", "eb", "tb")
 
@@ -46,10 +52,14 @@ class FBTAModels:
         self.mil_ema = frozen_copy(self.mil)
         self.tfe_ema = frozen_copy(self.tfe)
 
+    def teachers(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(teacher, student) pairs for :class:`fbta.mil.train.EMA`."""
+        return [(self.mil_ema, self.mil), (self.tfe_ema, self.tfe)]
+
     def update_ema(self, alpha: float) -> None:
         """``ema = α·ema + (1−α)·model`` for MIL* and TFE*, buffers included (integer buffers copied)."""
-        ema_update(self.mil_ema, self.mil, alpha)
-        ema_update(self.tfe_ema, self.tfe, alpha)
+        for teacher, student in self.teachers():
+            ema_update(teacher, student, alpha)
 
 
 @dataclass(frozen=True)
@@ -62,24 +72,18 @@ class StepOptions:
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A gradient-free eval-mode copy (the EMA teacher starts equal to its student)."""
-    ema = copy.deepcopy(model)
+    ema = _frozen_copy(model)
     if isinstance(ema, Extractor):
         ema.set_trainable(False)
-    ema.requires_grad_(False)
-    return ema.eval()
+    return ema
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, alpha: float) -> None:
-    if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"fbta.ema_alpha must be in [0, 1), got {alpha}")
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - alpha)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        if e.is_floating_point():
-            e.lerp_(b.detach(), 1.0 - alpha)
-        else:
-            e.copy_(b)
+def distillation_loss(heads: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``L_dist = 1/K Σ_k mean_n ‖h_k(F_SB)_n − TFE*(X_SB)_n‖²`` for K×n×D heads and an n×D target.
+
+    The squared L2 norm is summed over D, then averaged over the n instances and the K heads.
+    """
+    return (heads - target.unsqueeze(0)).pow(2).sum(-1).mean()
 
 
 def _sync(device: torch.device) -> float:
@@ -109,17 +113,20 @@ def fbta_step(m: FBTAModels, bag: PseudoBag, t_over_T: float, opts: StepOptions,
     t1 = _sync(device)
     heads = m.translator.heads(f_sb)  # K×n×D
     f_tb = heads.mean(0)  # translation bag F_TB
-    l_dist = (heads - target.unsqueeze(0)).pow(2).mean()
+    l_dist = distillation_loss(heads, target)
     t2 = _sync(device)
     bags = {"fb": f_fb, "eb": f_eb, "tb": f_tb}
     l_cls = torch.zeros((), device=device)
     l_cons = torch.zeros((), device=device)
+    per_view: dict[str, torch.Tensor] = {}  # CE of each view (diagnostics)
     first_pred = -1  # train accuracy: the first view's prediction
     for v in opts.views:
         logits = m.mil(bags[v]).logits.float()
         if first_pred < 0:
             first_pred = int(logits.detach().argmax(-1).item())
-        l_cls = l_cls + F.cross_entropy(logits, y)
+        ce = F.cross_entropy(logits, y)
+        per_view[f"l_cls_{v}"] = ce.detach()
+        l_cls = l_cls + ce
         if opts.consistency:
             with torch.no_grad():
                 teacher = m.mil_ema(bags[v]).logits.float().softmax(-1)
@@ -136,6 +143,7 @@ def fbta_step(m: FBTAModels, bag: PseudoBag, t_over_T: float, opts: StepOptions,
     back = t4 - t3
     return {
         "loss": loss.item(), "l_cls": l_cls.item(), "l_dist": l_dist.item(), "l_cons": l_cons.item(),
+        **{k: c.item() for k, c in per_view.items()},
         "correct": float(first_pred == int(y.item())),
         "extractor_s": (t1 - t0) + back * (t1 - t0) / fwd,
         "translator_s": (t2 - t1) + back * (t2 - t1) / fwd,

@@ -3,6 +3,17 @@
 Why validate through the translator: what ships is ``MIL*(translator(F_FB))``
 over cached frozen features (METHODS.md A, inference), so model selection and
 early stopping judge exactly that, never the end-to-end view.
+
+Shared with the vanilla trainer (fbta/mil/train.py), so a comparison differs
+only in the method: the EMA (:class:`~fbta.mil.train.EMA`: per epoch or per
+step, α, optional warm-up; its update count is saved in resume.pt) and the
+selection rule (:class:`~fbta.mil.train.Selection`: nothing before
+``train.min_epochs`` is "best" or counts toward patience).
+
+Every epoch's record (``extra``: history.csv, MLflow, the progress bar) carries
+the diagnostics of fbta/e2e/diagnostics.py: ``gap_ratio`` and ``tfe_drift`` on
+fixed validation patches, ``l_cls_fb|eb|tb``, ``l_dist``, ``l_cons`` (means over
+the epoch's steps), ``tumour_share`` of the pseudo-bags and ``ema_decay``.
 """
 from __future__ import annotations
 
@@ -16,15 +27,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fbta.e2e.classifier import SlideClassifier
+from fbta.e2e.diagnostics import ProbePatches, gap_and_drift, tumour_share
 from fbta.e2e.pseudobags import EpochPlan, PseudoBags
 from fbta.e2e.step import FBTAModels, StepOptions, fbta_step
 from fbta.features.registry import Extractor
 from fbta.mil.data import BagDataset
-from fbta.mil.metrics import Scores, score
+from fbta.mil.metrics import score
 from fbta.mil.resume import Resumable
-from fbta.mil.train import Epoch, FitResult, _better, predict
-
-EMA_EVERY = ("epoch", "step")
+from fbta.mil.train import EMA, EMA_EVERY, Epoch, FitResult, Selection, predict
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,8 @@ class FBTAOptions:
     weight_decay: float
     ema_alpha: float
     ema_every: str = "epoch"
+    ema_warmup: bool = False  # decay min(α, (1+n)/(10+n)) for the n-th update (our choice)
+    min_epochs: int = 0  # epochs before this one are never "best" nor count toward patience
     balanced: bool = True
     seed: int = 0
     num_workers: int = 2
@@ -112,12 +124,13 @@ def _snapshot(m: FBTAModels) -> dict[str, dict[str, torch.Tensor]]:
 def fit_fbta(m: FBTAModels, train: PseudoBags, val: BagDataset, classes: list[str], o: FBTAOptions,
              device: torch.device,
              on_epoch: Callable[[Epoch, Optional[dict[str, dict[str, torch.Tensor]]]], None] | None = None,
-             resume: Optional[Resumable] = None) -> FitResult:
+             resume: Optional[Resumable] = None, probe: Optional[ProbePatches] = None) -> FitResult:
     """Train in place; ``on_epoch(epoch, best_states_or_None)`` after every epoch (states only when improved).
 
     ``best_states`` = ``{"mil": MIL*, "translator": f_T, "extractor": TFE*}`` state dicts; ``resume``
     saves the run after every epoch and continues a killed one (subsets are seeded per epoch, so the
-    pseudo-bags it sees are those of an uninterrupted run).
+    pseudo-bags it sees are those of an uninterrupted run); ``probe``: the validation patches of the
+    ``gap_ratio`` / ``tfe_drift`` diagnostics (None: not measured).
     """
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"training needs train and validation slides (got {len(train)} and {len(val)})")
@@ -128,6 +141,7 @@ def fit_fbta(m: FBTAModels, train: PseudoBags, val: BagDataset, classes: list[st
     for mod in (m.mil, m.translator, m.tfe, m.mil_ema, m.tfe_ema):
         mod.to(device)
     optimiser = _optimiser(m, o)
+    ema = EMA(m.teachers(), o.ema_alpha, o.ema_every, o.ema_warmup)
     plan = EpochPlan(train.labels, o.seed, o.balanced)
     # the loader's own generator: worker seeds must not draw from the global RNG that dropout uses, or a
     # resumed run (whose persistent workers start at a later epoch) would drift from an uninterrupted one
@@ -136,13 +150,15 @@ def fit_fbta(m: FBTAModels, train: PseudoBags, val: BagDataset, classes: list[st
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(o.seed + 3))
     gen = torch.Generator().manual_seed(o.seed + 2)  # augmentation draws, apart from dropout's global RNG
     history: list[Epoch] = []
-    best_scores: Optional[Scores] = None
-    best_epoch, best_states, since_best, start = 0, _snapshot(m), 0, 0
+    select = Selection(o.patience, o.min_epochs, o.epochs)
+    best_states, start = _snapshot(m), 0
     if resume is not None:
-        parts = {"mil": m.mil, "translator": m.translator, "tfe": m.tfe, "mil_ema": m.mil_ema, "tfe_ema": m.tfe_ema}
+        parts = {"mil": m.mil, "translator": m.translator, "tfe": m.tfe, "mil_ema": m.mil_ema, "tfe_ema": m.tfe_ema,
+                 "ema_state": ema}
         point = resume.start(parts, {"adam": optimiser}, {"augment": gen}, o.patience, o.epochs)
         if point is not None:
-            history, best_epoch, best_states, best_scores, since_best, start = point
+            history, best_epoch, best_states, _, since_best, start = point
+            select.restore(history, best_epoch, since_best)
     resumed_from = start
     bar = tqdm(range(start, o.epochs), desc="train fbta", unit="epoch", disable=not o.progress,
                dynamic_ncols=True, initial=start, total=o.epochs)
@@ -157,33 +173,54 @@ def fit_fbta(m: FBTAModels, train: PseudoBags, val: BagDataset, classes: list[st
             optimiser.zero_grad(set_to_none=True)
             stats = fbta_step(m, bag, epoch / o.epochs, o.step, device, gen)
             optimiser.step()
-            if o.ema_every == "step":
-                m.update_ema(o.ema_alpha)
-            rows.append({**stats, "sampling_s": wait, "read_s": bag.read_seconds})
+            ema.after_step()
+            rows.append({**stats, "sampling_s": wait, "read_s": bag.read_seconds, "n_tumour": bag.n_tumour})
             t_ready = time.perf_counter()
-        if o.ema_every == "epoch":
-            m.update_ema(o.ema_alpha)
+        ema.after_epoch()
         probs, _ = predict(deployed(m, classes), val, device)
         val_scores = score(val.labels, probs)
-        improved = _better(val_scores, best_scores)
-        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-        extra = {k: mean[k] for k in ("l_cls", "l_dist", "l_cons", "extractor_s", "translator_s", "mil_s",
-                                      "sampling_s", "read_s", "n_subset", "n_patches")}
-        record = Epoch(epoch, mean["loss"], mean["correct"], val_scores, time.perf_counter() - t_epoch, improved,
-                       extra=extra)
+        improved = select.judge(epoch, val_scores)
+        extra = _epoch_extra(rows, ema)
+        if probe is not None:
+            extra.update(gap_and_drift(m.tfe_ema, m.translator, probe, device))
+        record = Epoch(epoch, float(np.mean([r["loss"] for r in rows])), float(np.mean([r["correct"] for r in rows])),
+                       val_scores, time.perf_counter() - t_epoch, improved, extra=extra)
         history.append(record)
         if improved:
-            best_scores, best_epoch, since_best = val_scores, epoch, 0
             best_states = _snapshot(m)
-        else:
-            since_best += 1
-        bar.set_postfix(loss=f"{record.train_loss:.3f}", dist=f"{extra['l_dist']:.2g}",
-                        val_auc=f"{val_scores.auc:.3f}", best=best_epoch)
+        bar.set_postfix({**_postfix(record), "best": select.best_epoch})
         if on_epoch is not None:
             on_epoch(record, best_states if improved else None)
         if resume is not None:
-            resume.save(epoch, history, best_epoch, best_states, since_best)
-        if since_best >= o.patience:
+            resume.save(epoch, history, select.best_epoch, best_states, select.since_best)
+        if select.stop:
             break
     bar.close()
-    return FitResult(history, best_epoch, best_states, o.epochs, resumed_from)  # type: ignore[arg-type]
+    return FitResult(history, select.best_epoch, best_states, o.epochs, resumed_from)  # type: ignore[arg-type]
+
+
+_MEANS = ("l_cls", "l_cls_fb", "l_cls_eb", "l_cls_tb", "l_dist", "l_cons", "extractor_s", "translator_s", "mil_s",
+          "sampling_s", "read_s", "n_subset", "n_patches")
+
+
+def _epoch_extra(rows: list[dict[str, float]], ema: EMA) -> dict[str, float]:
+    """The epoch's means over steps (loss terms, per-view CE, time split), tumour share and EMA decay."""
+    extra = {k: float(np.mean([r[k] for r in rows])) for k in _MEANS if k in rows[0]}
+    share = tumour_share([r["n_tumour"] for r in rows], [r["n_subset"] for r in rows])
+    if share is not None:
+        extra["tumour_share"] = share
+    extra["ema_decay"] = ema.last_decay  # the decay of the epoch's last EMA update
+    return extra
+
+
+def _postfix(record: Epoch) -> dict[str, str]:
+    """The progress bar's short summary of an epoch."""
+    e = record.extra
+    out = {"loss": f"{record.train_loss:.3f}", "dist": f"{e['l_dist']:.3g}"}
+    if "gap_ratio" in e:
+        out["gap"] = f"{e['gap_ratio']:.2f}"
+        out["drift"] = f"{e['tfe_drift']:.2g}"
+    if "tumour_share" in e:
+        out["tum"] = f"{e['tumour_share']:.2f}"
+    out["val_auc"] = f"{record.val.auc:.3f}"
+    return out

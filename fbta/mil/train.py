@@ -8,9 +8,13 @@ Why these choices (CLAM/ABMIL practice, METHODS.md A):
 - early stopping on validation AUC (ties broken by the lower validation loss,
   so a model that already separates the classes keeps improving its
   calibration instead of freezing at the first epoch that reached AUC 1);
+- no selection before ``train.min_epochs`` (:class:`Selection`): on a small
+  validation split the untrained epoch 0 often reaches the best AUC by chance;
 - an optional EMA of the weights (``train.ema``): FBTA deploys an EMA MIL, so
   the baseline can be compared like for like. When on, validation and the
-  saved checkpoint use the EMA weights.
+  saved checkpoint use the EMA weights. Both trainers use the one :class:`EMA`
+  (same update, same period and warm-up options), so a comparison that sets
+  ``train.ema_*`` equal to ``fbta.ema_*`` gives both arms identical teachers.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -50,22 +54,120 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class EMA:
-    """Exponential moving average of a head's weights: θ_ema ← α θ_ema + (1 − α) θ after every step."""
+EMA_EVERY = ("epoch", "step")
 
-    def __init__(self, model: nn.Module, alpha: float) -> None:
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"EMA alpha must be in (0, 1), got {alpha}")
-        self.alpha = alpha
-        self.model = copy.deepcopy(model).eval()
-        self.model.requires_grad_(False)
 
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - self.alpha)
-        for ema_b, b in zip(self.model.buffers(), model.buffers()):
-            ema_b.copy_(b)
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A gradient-free eval-mode copy (an EMA teacher starts equal to its student)."""
+    ema = copy.deepcopy(model)
+    ema.requires_grad_(False)
+    return ema.eval()
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, alpha: float) -> None:
+    """``ema = α·ema + (1−α)·model`` for every parameter and floating buffer; integer buffers are copied."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"EMA decay (ema_alpha) must be in [0, 1), got {alpha}")
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - alpha)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        if e.is_floating_point():
+            e.lerp_(b.detach(), 1.0 - alpha)
+        else:
+            e.copy_(b)
+
+
+def ema_decay(alpha: float, n: int, warmup: bool) -> float:
+    """The decay of update number ``n`` (0-based): α, or with warm-up ``min(α, (1+n)/(10+n))``.
+
+    The warm-up is our choice (METHODS.md A, EMA): over a short run a teacher
+    updated with α = 0.9 once per epoch would stay near its random
+    initialisation; with it the first updates follow the student closely
+    (0.1, 0.18, 0.25, …) and the decay reaches α after (10α−1)/(1−α) updates (80 for 0.9).
+    """
+    return min(alpha, (1.0 + n) / (10.0 + n)) if warmup else alpha
+
+
+class EMA(nn.Module):
+    """EMA teachers for one or more students, updated per epoch or per optimiser step, with optional warm-up.
+
+    One implementation for both trainers (vanilla MIL: ``[(MIL*, MIL)]``; FBTA:
+    ``[(MIL*, MIL), (TFE*, TFE)]``). The teachers are the caller's modules (not
+    registered here); this module's only state is the update counter ``n_updates``,
+    a buffer, so registering it with :class:`~fbta.mil.resume.Resumable` puts it in
+    resume.pt and a resumed run continues the warm-up where it stopped.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[nn.Module, nn.Module]], alpha: float, every: str = "epoch",
+                 warmup: bool = False) -> None:
+        super().__init__()
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"EMA alpha must be in [0, 1), got {alpha}")
+        if every not in EMA_EVERY:
+            raise ValueError(f"EMA period '{every}' must be one of {', '.join(EMA_EVERY)}")
+        self.pairs = list(pairs)  # (teacher, student): a plain list, so the teachers are not in this state_dict
+        self.alpha, self.every, self.warmup = float(alpha), every, bool(warmup)
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.int64))
+        self.last_decay = float("nan")
+
+    def decay(self) -> float:
+        """The decay the next update will use."""
+        return ema_decay(self.alpha, int(self.n_updates.item()), self.warmup)
+
+    def update(self) -> float:
+        """One update of every teacher; returns the decay it used."""
+        d = self.decay()
+        for teacher, student in self.pairs:
+            ema_update(teacher, student, d)
+        self.n_updates += 1
+        self.last_decay = d
+        return d
+
+    def after_step(self) -> None:
+        if self.every == "step":
+            self.update()
+
+    def after_epoch(self) -> None:
+        if self.every == "epoch":
+            self.update()
+
+
+class Selection:
+    """Best-epoch choice and early stopping, the same for both trainers.
+
+    - Epochs ``0 … first_eligible − 1`` never become "best" and do not count
+      toward ``patience``; ``first_eligible = min(min_epochs, epochs − 1)``, so a run
+      shorter than ``min_epochs`` still selects its last (most trained) epoch.
+    - From there, a higher validation AUC wins (NaN AUC counts as −∞). On equal
+      AUC the later epoch wins only if its validation loss is lower (the
+      existing tie rule of :func:`_better`, kept).
+    """
+
+    def __init__(self, patience: int, min_epochs: int, epochs: int) -> None:
+        self.patience = int(patience)
+        self.first_eligible = max(0, min(int(min_epochs), int(epochs) - 1))
+        self.best_scores: Optional[Scores] = None
+        self.best_epoch, self.since_best = 0, 0
+
+    def restore(self, history: list["Epoch"], best_epoch: int, since_best: int) -> None:
+        """State of a resumed run (from resume.pt); no best yet if the saved best epoch was never one."""
+        self.best_epoch, self.since_best = best_epoch, since_best
+        self.best_scores = history[best_epoch].val if history and history[best_epoch].best else None
+
+    def judge(self, epoch: int, val: Scores) -> bool:
+        """Record epoch ``epoch``'s validation scores; True if it is the new best."""
+        if epoch < self.first_eligible:
+            return False
+        if _better(val, self.best_scores):
+            self.best_scores, self.best_epoch, self.since_best = val, epoch, 0
+            return True
+        self.since_best += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.since_best >= self.patience
 
 
 @dataclass(frozen=True)
@@ -75,6 +177,9 @@ class FitOptions:
     lr: float
     weight_decay: float
     ema_alpha: Optional[float] = None  # None: no EMA
+    ema_every: str = "epoch"  # epoch | step: when the EMA is updated
+    ema_warmup: bool = False  # decay min(α, (1+n)/(10+n)) for the n-th update (our choice)
+    min_epochs: int = 0  # epochs before this one are never "best" nor count toward patience
     balanced: bool = True
     seed: int = 0
     num_workers: int = 0
@@ -168,7 +273,8 @@ def fit(model: MILHead, train: BagDataset, val: BagDataset, opts: FitOptions, de
     from tqdm.auto import tqdm
 
     model.to(device)
-    ema = EMA(model, opts.ema_alpha) if opts.ema_alpha is not None else None
+    teacher = frozen_copy(model) if opts.ema_alpha is not None else None
+    ema = EMA([(teacher, model)], opts.ema_alpha, opts.ema_every, opts.ema_warmup) if teacher is not None else None
     optimiser = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     # own generators for the sampling order and the loader's worker seeds, so that neither draws from the
@@ -178,13 +284,16 @@ def fit(model: MILHead, train: BagDataset, val: BagDataset, opts: FitOptions, de
                         sampler=make_sampler(train.labels, opts.balanced, sample_gen), generator=loader_gen,
                         pin_memory=device.type == "cuda", persistent_workers=opts.num_workers > 0)
     history: list[Epoch] = []
-    best_scores: Optional[Scores] = None
-    best_epoch, best_state, since_best, start = 0, {}, 0, 0
+    select = Selection(opts.patience, opts.min_epochs, opts.epochs)
+    best_state: dict[str, torch.Tensor] = {}
+    start = 0
     if resume is not None:
-        point = resume.start({"model": model, **({"ema": ema.model} if ema is not None else {})}, {"adam": optimiser},
+        emas = {"ema": teacher, "ema_state": ema} if ema is not None else {}
+        point = resume.start({"model": model, **emas}, {"adam": optimiser},
                              {"sampler": sample_gen, "loader": loader_gen}, opts.patience, opts.epochs)
         if point is not None:
-            history, best_epoch, best_state, best_scores, since_best, start = point
+            history, best_epoch, best_state, _, since_best, start = point
+            select.restore(history, best_epoch, since_best)
     resumed_from = start
     bar = tqdm(range(start, opts.epochs), desc="train", unit="epoch", disable=not opts.progress,
                dynamic_ncols=True, initial=start, total=opts.epochs)
@@ -202,28 +311,28 @@ def fit(model: MILHead, train: BagDataset, val: BagDataset, opts: FitOptions, de
             loss.backward()
             optimiser.step()
             if ema is not None:
-                ema.update(model)
+                ema.after_step()
             losses.append(loss.item())
             correct += int(out.logits.argmax(-1).item() == y.item())
-        judged = ema.model if ema is not None else model
+        if ema is not None:
+            ema.after_epoch()
+        judged = teacher if teacher is not None else model
         probs, _ = predict(judged, val, device)
         val_scores = score(val.labels, probs)
-        improved = _better(val_scores, best_scores)
+        improved = select.judge(epoch, val_scores)
+        extra = {"ema_decay": ema.last_decay} if ema is not None else {}
         record = Epoch(epoch, float(np.mean(losses)), correct / len(losses), val_scores,
-                       time.perf_counter() - t0, improved)
+                       time.perf_counter() - t0, improved, extra=extra)
         history.append(record)
         if improved:
-            best_scores, best_epoch, since_best = val_scores, epoch, 0
             best_state = {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}
-        else:
-            since_best += 1
         bar.set_postfix(loss=f"{record.train_loss:.3f}", val_auc=f"{val_scores.auc:.3f}",
-                        val_loss=f"{val_scores.loss:.3f}", best=best_epoch)
+                        val_loss=f"{val_scores.loss:.3f}", best=select.best_epoch)
         if on_epoch is not None:
             on_epoch(record, best_state if improved else None)
         if resume is not None:
-            resume.save(epoch, history, best_epoch, best_state, since_best)
-        if since_best >= opts.patience:
+            resume.save(epoch, history, select.best_epoch, best_state, select.since_best)
+        if select.stop:
             break
     bar.close()
-    return FitResult(history, best_epoch, best_state, opts.epochs, resumed_from)
+    return FitResult(history, select.best_epoch, best_state, opts.epochs, resumed_from)

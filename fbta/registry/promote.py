@@ -6,7 +6,10 @@ its metrics as version tags (``fbta.val_auc`` …), so a later candidate is
 compared with what the champion scored when it was registered. A promoted
 candidate takes ``@champion`` and the old champion takes ``@previous``; a
 rejected one is tagged ``fbta.decision=rejected`` with the reason and no alias
-moves. Read-compare-set runs under an exclusive file lock beside the store, so
+moves. A segmenter whose ``meta.json`` says ``beats_baselines: false`` (no
+epoch beat the trivial all-background / all-tumour maps on validation, see
+``fbta.seg.train.Selection``) is refused outright: it never becomes champion,
+not even of an empty registry (:func:`refusal`). Read-compare-set runs under an exclusive file lock beside the store, so
 two registrations at once cannot both believe they beat the same champion.
 The lock is a ``flock``: it works between processes, and the kernel drops it
 when its holder dies, so a killed registration leaves no stale lock (the empty
@@ -55,6 +58,20 @@ def candidate_metrics(kind: str, meta: Mapping[str, Any]) -> dict[str, float]:
     rule = RULES[kind]
     keys = [rule.metric] + ([rule.tie_break] if rule.tie_break else [])
     return {k: v for k in keys if (v := _num(meta.get(k))) is not None}
+
+
+def refusal(kind: str, tags: Mapping[str, str]) -> Optional[str]:
+    """Why a candidate may never take ``@champion`` whatever the champion scored; None when it may.
+
+    Reads the version tags ``fbta.beats_baselines`` / ``fbta.baseline_val_f1``
+    copied from the model's meta.json. A version without the tag (registered
+    before the flag existed) is judged by the usual rule.
+    """
+    if kind != SEGMENTER or str(tags.get(TAG + "beats_baselines", "")).strip().lower() not in ("false", "0"):
+        return None
+    floor = _num(tags.get(TAG + "baseline_val_f1"))
+    return ("degenerate segmenter: no epoch beat the trivial all-background/all-tumour maps on validation"
+            + (f" (val F1 to beat {floor:.4f})" if floor is not None else "") + " — meta.json beats_baselines=false")
 
 
 def version_metrics(kind: str, tags: Mapping[str, str]) -> dict[str, float]:
@@ -138,7 +155,10 @@ def promote(client: Any, name: str, kind: str, version: str, lock: Path) -> dict
         champ = champion_of(client, name)
         champ_m = version_metrics(kind, champ.tags or {}) if champ is not None else None
         warning = None
-        if champ is None:
+        refused = refusal(kind, cand.tags or {})
+        if refused and not (champ is not None and str(champ.version) == str(version)):
+            better, reason = False, refused
+        elif champ is None:
             better, reason = (True, "no champion yet") if RULES[kind].metric in cand_m else \
                 (False, f"candidate has no {RULES[kind].metric}")
         elif str(champ.version) == str(version):
@@ -166,6 +186,7 @@ def promote(client: Any, name: str, kind: str, version: str, lock: Path) -> dict
         "candidate": {"version": str(version), **cand_m},
         "champion_before": None if champ is None else {"version": str(champ.version), **(champ_m or {})},
         "aliases": {k: str(v) for k, v in sorted(aliases.items())}, "warning": warning,
+        "refused": refused,  # why the candidate can never be champion (None: judged by the rule)
     }
 
 

@@ -54,7 +54,7 @@ def version_tags(kind: str, folder: Path, meta: dict[str, Any], sha: str) -> dic
     tags[TAG + "sha256"] = sha
     tags[TAG + "kind"] = kind
     tags[TAG + "folder"] = str(folder.resolve())
-    for key in ("method", "arch", "in_dim", "epoch", "mlflow_run_id"):
+    for key in ("method", "arch", "in_dim", "epoch", "mlflow_run_id", "beats_baselines", "baseline_val_f1"):
         if meta.get(key) is not None:
             tags[TAG + key] = str(meta[key])
     if "classes" in meta:

@@ -4,10 +4,23 @@ Why a cache: training epochs would otherwise re-read and re-decode every JPEG
 tile; the selected patches of each split are read once from the slides and kept
 as uint8 in ``<data.out>/seg/patches/<split>.h5`` (written atomically, with a
 fingerprint of everything that decides its content, so a re-run with the same
-inputs skips it). Labels come from annotation masks: a patch is positive when
-its annotated tumour share exceeds ``seg.min_tumour_fraction`` (default 0: any
-tumour pixel). The pixel mask stored beside it is used for metrics only — the
-training code never reads it.
+inputs skips it). The pixel mask stored beside each patch is used for metrics
+only — the training code never reads it.
+
+Weak labels, as patch datasets define them (METHODS.md B, "how positive is
+thresholded is the dataset's" — [choice], configurable):
+
+- **positive**: annotated tumour share ≥ ``seg.min_tumour_fraction``
+  (default 0.5: the broadcast all-ones target the teacher learns from is then
+  right on at least half of every positive patch's pixels; the same "at least
+  half inside" rule as the heatmap localisation figures). 0 restores the old
+  "any tumour pixel" rule, under which an all-tumour map beat the models;
+- **negative**: no tumour at all — normal slides, and tumour-free regions of
+  tumour slides; with ``seg.negative_margin`` > 0 also none within that many
+  patch sides around the patch (annotation outlines are drawn loosely);
+- **ambiguous**: everything in between. Never trained on; up to
+  ``seg.max_ambiguous`` of them per validation/test split are cached and scored
+  as their own group (``ambiguous_f1``), outside the selection score.
 """
 from __future__ import annotations
 
@@ -24,11 +37,12 @@ from PIL import Image
 
 from fbta.io.atomic import atomic_path
 from fbta.io.h5 import coords_complete, read_coords
+from fbta.seg.metrics import AMBIGUOUS, NEG, POS
 from fbta.slides.cohort import CohortError, SlideEntry, read_labels
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: weak-label groups (positive / negative / ambiguous)
 
 
 class MaskError(ValueError):
@@ -90,6 +104,37 @@ class SlidePatchIndex:
     attrs: dict[str, Any]
     fraction: np.ndarray  # N, tumour share of each patch
     mask: Optional[np.ndarray]  # slide mask (None: a normal slide without one → all negative)
+    group: np.ndarray  # N, NEG / POS / AMBIGUOUS (fbta.seg.metrics)
+
+
+def weak_groups(fraction: np.ndarray, min_fraction: float, near: Optional[np.ndarray] = None) -> np.ndarray:
+    """Each patch's weak-label group from its tumour share (and the share in its margin window, if any).
+
+    Positive: share ≥ ``min_fraction`` and > 0; negative: share 0 (and none in the
+    margin window); ambiguous: the rest.
+    """
+    f = np.asarray(fraction, np.float64)
+    g = np.full(len(f), AMBIGUOUS, np.uint8)
+    g[(f >= min_fraction) & (f > 0)] = POS
+    clean = f <= 0
+    if near is not None:
+        clean &= np.asarray(near) <= 0
+    g[clean] = NEG
+    return g
+
+
+def label_stats(index: list["SlidePatchIndex"]) -> dict[str, dict[str, float]]:
+    """Per split, over every tiled patch: positive / negative / ambiguous counts, median tumour share of positives."""
+    out: dict[str, dict[str, float]] = {}
+    for part in SPLITS:
+        sls = [sl for sl in index if sl.split == part]
+        g = np.concatenate([sl.group for sl in sls]) if sls else np.zeros(0, np.uint8)
+        f = np.concatenate([sl.fraction for sl in sls]) if sls else np.zeros(0)
+        pos = f[g == POS]
+        out[part] = {"slides": len(sls), "positive": int((g == POS).sum()), "negative": int((g == NEG).sum()),
+                     "ambiguous": int((g == AMBIGUOUS).sum()),
+                     "median_share_positive": round(float(np.median(pos)), 4) if len(pos) else float("nan")}
+    return out
 
 
 def index_cohort(cfg: DictConfig, split: dict[str, str]) -> tuple[list[SlidePatchIndex], dict[str, str]]:
@@ -115,6 +160,7 @@ def index_cohort(cfg: DictConfig, split: dict[str, str]) -> tuple[list[SlidePatc
         mask = read_mask(mask_path) if mask_path is not None else None
         size0 = float(attrs.get("patch_size_level0", attrs["patch_size"]))
         out_px = int(attrs["patch_size"])
+        near = None
         if mask is None:
             fraction = np.zeros(len(coords))
         else:
@@ -122,9 +168,15 @@ def index_cohort(cfg: DictConfig, split: dict[str, str]) -> tuple[list[SlidePatc
             try:
                 fraction = np.concatenate([patch_masks(mask, coords[i:i + 256], size0, dims0, out_px).mean(axis=(1, 2))
                                            for i in range(0, len(coords), 256)] or [np.zeros(0)])
+                margin = float(cfg.seg.negative_margin) * size0
+                if margin > 0:  # tumour share of the window grown by the margin on every side
+                    near = np.concatenate([patch_masks(mask, coords[i:i + 256] - margin, size0 + 2 * margin, dims0,
+                                                       64).mean(axis=(1, 2))
+                                           for i in range(0, len(coords), 256)] or [np.zeros(0)])
             except MaskError as exc:
                 raise MaskError(f"{mask_path}: {exc}") from None
-        out.append(SlidePatchIndex(entry, part, coords, attrs, fraction, mask))
+        group = weak_groups(fraction, float(cfg.seg.min_tumour_fraction), near)
+        out.append(SlidePatchIndex(entry, part, coords, attrs, fraction, mask, group))
     return out, missing
 
 
@@ -139,15 +191,17 @@ def select(index: list[SlidePatchIndex], part: str, cfg: DictConfig, seed_offset
     """(slide number, patch number) of the patches kept for ``part``: balanced, capped, seeded.
 
     Negatives are drawn uniformly from every tumour-free patch of the split —
-    normal slides and the tumour-free regions of tumour slides alike.
+    normal slides and the tumour-free regions of tumour slides alike. Ambiguous
+    patches are never kept for training; validation and test keep up to
+    ``seg.max_ambiguous`` of them (scored as their own group).
     """
     s = cfg.seg
-    pos, neg = [], []
+    pos, neg, amb = [], [], []
     for si, sl in enumerate(index):
         if sl.split != part:
             continue
-        for pi, f in enumerate(sl.fraction):
-            (pos if f > s.min_tumour_fraction else neg).append((si, pi))
+        for pi, g in enumerate(sl.group):
+            (pos if g == POS else neg if g == NEG else amb).append((si, pi))
     rng = np.random.default_rng([int(s.data_seed), seed_offset])
     n_pos, n_neg = len(pos), len(neg)
     if s.neg_per_pos > 0 and n_pos:
@@ -158,6 +212,8 @@ def select(index: list[SlidePatchIndex], part: str, cfg: DictConfig, seed_offset
         n_pos, n_neg = k_pos, cap - k_pos
     keep = [pos[i] for i in rng.choice(len(pos), n_pos, replace=False)] if n_pos else []
     keep += [neg[i] for i in rng.choice(len(neg), n_neg, replace=False)] if n_neg else []
+    n_amb = 0 if part == "train" else min(len(amb), int(s.max_ambiguous))
+    keep += [amb[i] for i in rng.choice(len(amb), n_amb, replace=False)] if n_amb else []
     return sorted(keep)
 
 
@@ -166,7 +222,8 @@ def fingerprint(index: list[SlidePatchIndex], cfg: DictConfig) -> str:
     s = cfg.seg
     h = hashlib.sha1(json.dumps({
         "v": CACHE_VERSION, "min": s.min_tumour_fraction, "normal": list(s.normal_labels),
-        "neg_per_pos": s.neg_per_pos, "caps": [s.max_train, s.max_val, s.max_test], "seed": s.data_seed,
+        "margin": s.negative_margin, "ambiguous": s.max_ambiguous, "neg_per_pos": s.neg_per_pos,
+        "caps": [s.max_train, s.max_val, s.max_test], "seed": s.data_seed,
     }, sort_keys=True).encode())
     for sl in index:
         h.update(f"{sl.entry.slide_id}:{sl.split}:{sl.entry.path.name}:{sl.attrs.get('fbta_params')}".encode())
@@ -188,8 +245,8 @@ def cache_complete(path: Path, fp: str) -> bool:
 
 
 def write_cache(path: Path, index: list[SlidePatchIndex], keep: list[tuple[int, int]], fp: str,
-                min_fraction: float, on_patch: Any = None) -> int:
-    """Read the kept patches from their slides and write images, labels and masks atomically."""
+                on_patch: Any = None) -> int:
+    """Read the kept patches from their slides and write images, weak labels, groups and masks atomically."""
     from fbta.features.extract import SlidePatches
 
     if not keep:
@@ -202,7 +259,7 @@ def write_cache(path: Path, index: list[SlidePatchIndex], keep: list[tuple[int, 
     with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
         images = f.create_dataset("images", (n, px, px, 3), np.uint8, chunks=(1, px, px, 3), compression="lzf")
         masks = f.create_dataset("masks", (n, px, px), np.uint8, chunks=(1, px, px), compression="lzf")
-        labels, fractions = np.zeros(n, np.uint8), np.zeros(n, np.float32)
+        labels, fractions, groups = np.zeros(n, np.uint8), np.zeros(n, np.float32), np.zeros(n, np.uint8)
         sids, coords = [], np.zeros((n, 2), np.int64)
         row = 0
         for si in sorted({si for si, _ in keep}):
@@ -215,7 +272,8 @@ def write_cache(path: Path, index: list[SlidePatchIndex], keep: list[tuple[int, 
             for j, pi in enumerate(idx):
                 images[row] = reader[j].numpy()
                 masks[row] = pm[j]
-                labels[row] = sl.fraction[pi] > min_fraction
+                groups[row] = sl.group[pi]
+                labels[row] = sl.group[pi] == POS
                 fractions[row] = sl.fraction[pi]
                 sids.append(sl.entry.slide_id)
                 coords[row] = sl.coords[pi]
@@ -223,6 +281,7 @@ def write_cache(path: Path, index: list[SlidePatchIndex], keep: list[tuple[int, 
                 if on_patch is not None:
                     on_patch(1)
         f.create_dataset("labels", data=labels)
+        f.create_dataset("group", data=groups)
         f.create_dataset("fraction", data=fractions)
         f.create_dataset("slide_id", data=np.array(sids, dtype=h5py.string_dtype()))
         f.create_dataset("coords", data=coords)
@@ -245,6 +304,7 @@ class PatchSet:
                 self.labels: np.ndarray = f["labels"][:].astype(np.float32)
                 self.masks: np.ndarray = f["masks"][:].astype(bool)
                 self.fraction: np.ndarray = f["fraction"][:]
+                self.group: np.ndarray = f["group"][:].astype(np.uint8)
                 self.slide_ids: list[str] = [s.decode() if isinstance(s, bytes) else s for s in f["slide_id"][:]]
                 self.coords: np.ndarray = f["coords"][:]
                 self.fingerprint = str(f.attrs["fingerprint"])
@@ -255,16 +315,25 @@ class PatchSet:
         return len(self.labels)
 
     def counts(self) -> dict[str, int]:
-        return {"patches": len(self), "positive": int(self.labels.sum()), "slides": len(set(self.slide_ids))}
+        return {"patches": len(self), "positive": int((self.group == POS).sum()),
+                "negative": int((self.group == NEG).sum()), "ambiguous": int((self.group == AMBIGUOUS).sum()),
+                "slides": len(set(self.slide_ids))}
+
+    def trainable(self) -> np.ndarray:
+        """Indices of the patches training may use: positives and negatives, never the ambiguous ones."""
+        return np.flatnonzero(self.group != AMBIGUOUS)
 
     @classmethod
     def from_arrays(cls, images: np.ndarray, labels: np.ndarray, masks: np.ndarray,
-                    slide_ids: Optional[list[str]] = None) -> "PatchSet":
-        """An in-memory set (notebooks, tests): uint8 N×H×W×3 images, N labels, N×H×W masks."""
+                    slide_ids: Optional[list[str]] = None, group: Optional[np.ndarray] = None) -> "PatchSet":
+        """An in-memory set (notebooks, tests): uint8 N×H×W×3 images, N labels, N×H×W masks, optional groups
+        (NEG/POS/AMBIGUOUS; default: the labels)."""
         ps = cls.__new__(cls)
         ps.path = Path("<memory>")
         ps.images, ps.labels = np.asarray(images, np.uint8), np.asarray(labels, np.float32)
         ps.masks = np.asarray(masks, bool)
+        ps.group = (np.asarray(group, np.uint8) if group is not None
+                    else np.where(ps.labels > 0.5, POS, NEG).astype(np.uint8))
         ps.fraction = ps.masks.mean(axis=(1, 2)).astype(np.float32)
         ps.slide_ids = list(slide_ids or ["memory"] * len(ps.labels))
         ps.coords = np.zeros((len(ps.labels), 2), np.int64)

@@ -9,6 +9,10 @@ teacher's; on the check epochs (``reversal_start``, then every
 student becomes the frozen teacher and the old teacher becomes the trainable
 student (fresh optimiser). If no student ever beats it, nothing is swapped —
 the authors' code would load a checkpoint that was never written.
+
+The student returned is selected like the teacher (``fbta.seg.train.Selection``):
+best validation F1 among the epochs that beat both trivial baselines, else a
+fallback flagged ``beats_baselines=False``.
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ import torch
 from fbta.seg.dataset import PatchSet
 from fbta.seg.losses import distill_dice_loss, weighted_ce
 from fbta.seg.network import SideOutputNet
-from fbta.seg.train import EpochLog, FitOptions, FitResult, State, epoch_bar, evaluate, make_optimizer, \
-    state_copy, train_batches
+from fbta.seg.train import EpochLog, FitOptions, FitResult, Selection, State, epoch_bar, epoch_line, evaluate, \
+    make_optimizer, state_copy, train_batches, validation_floor
 
 
 @dataclass
@@ -41,8 +45,10 @@ class DistillOptions:
 
 def fit_distill(teacher: SideOutputNet, student: SideOutputNet, teacher_f1: float, train: PatchSet, val: PatchSet,
                 opts: FitOptions, dopts: DistillOptions, device: torch.device,
-                on_epoch: Optional[Callable[[EpochLog, bool], None]] = None) -> FitResult:
-    """Distil; return the student with the best validation F1 (whether or not it beat the teacher)."""
+                on_epoch: Optional[Callable[[EpochLog, bool], None]] = None,
+                floor: Optional[float] = None) -> FitResult:
+    """Distil; return the student with the best validation F1 among the epochs beating the trivial baselines
+    (whether or not it beat the teacher). ``floor``: the score to beat; None = the better baseline on ``val``."""
     if dopts.kd not in ("fusion", "blockwise"):
         raise ValueError(f"seg.distill.kd='{dopts.kd}' must be fusion or blockwise")
     gen = torch.Generator().manual_seed(opts.seed)
@@ -51,8 +57,8 @@ def fit_distill(teacher: SideOutputNet, student: SideOutputNet, teacher_f1: floa
     opt = make_optimizer(student, opts)
     best_so_far = teacher_f1  # the teacher's included (METHODS.md B)
     candidate: Optional[State] = None  # best student since the last check that beat best_so_far
-    best_student: Optional[EpochLog] = None
-    best_state: State = state_copy(student)
+    floor, baselines = validation_floor(val, opts, floor)
+    sel = Selection(floor)
     history: list[EpochLog] = []
     reversals: list[dict[str, float]] = []
     bar = epoch_bar(opts, "seg-distill")
@@ -75,10 +81,19 @@ def fit_distill(teacher: SideOutputNet, student: SideOutputNet, teacher_f1: floa
             total, steps = total + float(loss.detach()), steps + 1
         train_s = time.perf_counter() - t0
         scores, _ = evaluate(student, val, opts, device)
-        improved = best_student is None or scores.f1 > best_student.val.f1
-        epoch_state = state_copy(student) if improved or scores.f1 > best_so_far else None
+        ep = EpochLog(epoch, total / max(steps, 1), scores, 0.0,
+                      {"train_seconds": round(train_s, 2), "ce": round(ce_total / max(steps, 1), 6),
+                       "baseline_val_f1": round(floor, 6), "beats_baselines": float(scores.f1 > floor)})
+        copied: list[State] = []
+
+        def epoch_state() -> State:  # one copy per epoch at most, taken before any swap
+            if not copied:
+                copied.append(state_copy(student))
+            return copied[0]
+
+        improved = sel.offer(ep, epoch_state)
         if scores.f1 > best_so_far:
-            best_so_far, candidate = scores.f1, epoch_state
+            best_so_far, candidate = scores.f1, epoch_state()
         swapped = 0.0
         if dopts.check_epoch(epoch) and candidate is not None:
             old_teacher = state_copy(teacher)
@@ -89,23 +104,20 @@ def fit_distill(teacher: SideOutputNet, student: SideOutputNet, teacher_f1: floa
             opt = make_optimizer(student, opts)
             reversals.append({"epoch": epoch, "new_teacher_val_f1": round(best_so_far, 6)})
             candidate, swapped = None, 1.0
-        ep = EpochLog(epoch, total / max(steps, 1), scores, time.perf_counter() - t0,
-                      {"train_seconds": round(train_s, 2), "ce": round(ce_total / max(steps, 1), 6),
-                       "best_so_far": round(best_so_far, 6), "reversal": swapped})
+        ep.seconds = time.perf_counter() - t0
+        ep.extra.update({"best_so_far": round(best_so_far, 6), "reversal": swapped})
         history.append(ep)
-        if improved:
-            best_student = ep
-            best_state = epoch_state  # type: ignore[assignment]
         if on_epoch is not None:
             on_epoch(ep, improved)
         bar.update(1)
         bar.set_postfix(loss=f"{ep.loss:.3f}", val_f1=f"{scores.f1:.3f}", best=f"{best_so_far:.3f}",
                         swaps=len(reversals))
+        bar.write(epoch_line("seg-distill", ep, opts.epochs, floor, improved))
         if swapped:
             bar.write(f"seg-distill: epoch {epoch}: role reversal — the best student (val F1 {best_so_far:.3f}) "
                       "is now the teacher")
     bar.close()
-    assert best_student is not None, "seg.distill.epochs must be ≥ 1"
-    return FitResult(best_state, best_student.epoch, best_student.val, history,
-                     {"reversals": reversals, "best_val_f1_overall": best_so_far, "teacher_val_f1": teacher_f1,
-                      "beat_teacher": best_so_far > teacher_f1})
+    assert history, "seg.distill.epochs must be ≥ 1"
+    return sel.result(history, baselines,
+                      {"reversals": reversals, "best_val_f1_overall": best_so_far, "teacher_val_f1": teacher_f1,
+                       "beat_teacher": best_so_far > teacher_f1})

@@ -12,11 +12,23 @@ positive image with an empty prediction scores the image diagonal — the worst
 possible distance — instead of the distance to an arbitrary (0, 0) point; their
 mean divides the summed distance by all images and multiplies by 2, ours
 averages over the positive images.
+
+Patch groups (:data:`NEG`, :data:`POS`, :data:`AMBIGUOUS`, from the weak labels
+of ``fbta.seg.dataset``): ``f1``/``iou`` — the selection score — average over
+positives and negatives only; ambiguous patches (some tumour, less than
+``seg.min_tumour_fraction``) are scored as their own group (tumour F1/IoU,
+``ambiguous_f1``/``ambiguous_iou``) and never enter the mean.
+
+Trivial baselines (:func:`baseline_scores`): an all-background and an
+all-tumour map scored the same way on the same patches. A model that does not
+beat both has learned nothing a constant cannot do; checkpoint selection only
+considers epochs above them (:func:`selection_floor`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 from scipy.ndimage import distance_transform_edt, gaussian_filter
@@ -47,9 +59,14 @@ def hausdorff(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(max(d_to_truth[pred].max(), d_to_pred[truth].max()))
 
 
+NEG, POS, AMBIGUOUS = 0, 1, 2  # weak-label groups of a patch (none / ≥ min share / in between)
+GROUP_NAMES = {NEG: "negative", POS: "positive", AMBIGUOUS: "ambiguous"}
+BASELINES = ("all_background", "all_tumour")
+
+
 @dataclass
 class ImageScore:
-    positive: bool
+    positive: bool  # the ground truth has tumour: F1/IoU of the tumour class, else of the background class
     f1: float
     iou: float
     hausdorff: float  # nan on negative images
@@ -67,35 +84,63 @@ def score_image(prob: np.ndarray, truth: np.ndarray, sigma: float = 3.0, thresho
 
 @dataclass
 class SegScores:
-    f1: float
+    f1: float  # mean over positive and negative images (the selection score)
     iou: float
-    hausdorff: float
-    f1_pos: float
-    f1_neg: float
-    iou_pos: float
-    iou_neg: float
-    n: int
+    hausdorff: float  # mean over positive images
+    tumour_f1_pos: float  # tumour-class F1 / IoU, mean over positive images
+    tumour_iou_pos: float
+    background_f1_neg: float  # background-class F1 / IoU, mean over negative images
+    background_iou_neg: float
+    ambiguous_f1: float  # tumour-class F1 / IoU on the ambiguous group (nan when there is none)
+    ambiguous_iou: float
+    n: int  # positive + negative images
     n_pos: int
+    n_neg: int
+    n_ambiguous: int
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         return {prefix + k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def summarise(scores: list[ImageScore]) -> SegScores:
+def summarise(scores: list[ImageScore], groups: Optional[Sequence[int]] = None) -> SegScores:
+    """Means per group; ``groups`` (NEG/POS/AMBIGUOUS per image) defaults to POS where the truth has tumour."""
     def mean(xs: list[float]) -> float:
         return float(np.mean(xs)) if xs else float("nan")
 
-    pos = [s for s in scores if s.positive]
-    neg = [s for s in scores if not s.positive]
+    if groups is None:
+        groups = [POS if s.positive else NEG for s in scores]
+    if len(groups) != len(scores):
+        raise ValueError(f"{len(groups)} groups for {len(scores)} images")
+    pos = [s for s, g in zip(scores, groups) if g == POS]
+    neg = [s for s, g in zip(scores, groups) if g == NEG]
+    amb = [s for s, g in zip(scores, groups) if g == AMBIGUOUS]
+    core = pos + neg
     return SegScores(
-        f1=mean([s.f1 for s in scores]), iou=mean([s.iou for s in scores]),
+        f1=mean([s.f1 for s in core]), iou=mean([s.iou for s in core]),
         hausdorff=mean([s.hausdorff for s in pos]),
-        f1_pos=mean([s.f1 for s in pos]), f1_neg=mean([s.f1 for s in neg]),
-        iou_pos=mean([s.iou for s in pos]), iou_neg=mean([s.iou for s in neg]),
-        n=len(scores), n_pos=len(pos),
+        tumour_f1_pos=mean([s.f1 for s in pos]), tumour_iou_pos=mean([s.iou for s in pos]),
+        background_f1_neg=mean([s.f1 for s in neg]), background_iou_neg=mean([s.iou for s in neg]),
+        ambiguous_f1=mean([s.f1 for s in amb]), ambiguous_iou=mean([s.iou for s in amb]),
+        n=len(core), n_pos=len(pos), n_neg=len(neg), n_ambiguous=len(amb),
     )
 
 
-def score_maps(probs: np.ndarray, truths: np.ndarray, sigma: float = 3.0, threshold: float = 0.5) -> SegScores:
-    """B×H×W fused probabilities vs B×H×W ground-truth masks → the averaged scores."""
-    return summarise([score_image(p, t, sigma, threshold) for p, t in zip(probs, truths)])
+def score_maps(probs: np.ndarray, truths: np.ndarray, sigma: float = 3.0, threshold: float = 0.5,
+               groups: Optional[np.ndarray] = None) -> SegScores:
+    """B×H×W fused probabilities vs B×H×W ground-truth masks → the averaged scores (per group when given)."""
+    scores = [score_image(p, t, sigma, threshold) for p, t in zip(probs, truths)]
+    return summarise(scores, None if groups is None else [int(g) for g in groups])
+
+
+def baseline_scores(truths: np.ndarray, sigma: float = 3.0, threshold: float = 0.5,
+                    groups: Optional[np.ndarray] = None) -> dict[str, SegScores]:
+    """The all-background (0 everywhere) and all-tumour (1 everywhere) maps, scored like any model."""
+    shape = truths.shape
+    return {"all_background": score_maps(np.zeros(shape, np.float32), truths, sigma, threshold, groups),
+            "all_tumour": score_maps(np.ones(shape, np.float32), truths, sigma, threshold, groups)}
+
+
+def selection_floor(baselines: dict[str, SegScores]) -> float:
+    """The validation score an epoch must beat to be selectable: the better trivial baseline's ``f1``."""
+    vals = [s.f1 for s in baselines.values() if not math.isnan(s.f1)]
+    return max(vals) if vals else float("-inf")

@@ -19,7 +19,8 @@ from fbta.status import StageReport
 
 def run(cfg: DictConfig) -> int:
     device = pick_device(cfg.extract.device)
-    extractor = create_extractor(cfg.extract.model, weights=cfg.extract.weights, trainable=False, device=device)
+    extractor = create_extractor(cfg.extract.model, weights=cfg.extract.weights, trainable=False, device=device,
+                                 input_size=cfg.extract.input_size)
     coords_dir = out_dir(cfg, "coords")
     feats_dir = out_dir(cfg, "features", cfg.extract.model, "h5_files")
     report = StageReport("extract")

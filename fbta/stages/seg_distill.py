@@ -2,16 +2,20 @@
 
 Reads the patch caches and the frozen teacher written by ``fbta seg-teacher``,
 distils (fusion KD + OEEM-weighted CE, role reversal on a schedule), keeps the
-student with the best validation F1, scores it on the test split
-(``segmentation.student.*`` in ``reports/metrics/seg_distill.json`` and
-``reports/metrics.json``), writes its pseudo-masks of the training patches and
-overlays of image, ground truth, teacher and student. One MLflow run.
+student with the best validation F1 among the epochs that beat both trivial
+baselines, scores it on the test split (``segmentation.student.*`` in
+``reports/metrics/seg_distill.json`` and ``reports/metrics.json``) beside the
+teacher and the baselines, writes its pseudo-masks of the training patches,
+overlays of image, ground truth, teacher and student, and slide-level maps of
+a few test slides (``reports/plots/segmentation/slides/seg_slide_<id>.png``).
+One MLflow run, with per-epoch curves.
 """
 from __future__ import annotations
 
 import copy
 import platform
 import time
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -20,11 +24,12 @@ from fbta.config import InputError, save_config
 from fbta.io.reports import publish_metrics
 from fbta.mil.train import seed_everything
 from fbta.seg.distill import DistillOptions, fit_distill
-from fbta.seg.model import META, load_segmenter, save_segmenter
+from fbta.seg.model import META, load_segmenter, predict_fused, save_segmenter
 from fbta.seg.network import create_segnet
 from fbta.seg.overlays import save_test_overlays
-from fbta.seg.pipeline import check_config, describe, fit_options, log_outcome, metrics_entry, patch_sets, \
-    resolve_device, write_history, write_pseudo_masks
+from fbta.seg.metrics import selection_floor
+from fbta.seg.pipeline import baselines_of, check_config, describe, fit_options, log_outcome, metrics_entry, \
+    no_beat_line, patch_sets, resolve_device, scores_table, write_history, write_pseudo_masks, write_slide_maps
 from fbta.seg.train import evaluate
 from fbta.stages.common import out_dir
 from fbta.status import StageReport
@@ -38,7 +43,8 @@ def run(cfg: DictConfig) -> int:
     device = resolve_device(s.device)
     teacher_dir = out_dir(cfg, "models", "seg_teacher")
     seg_teacher = load_segmenter(teacher_dir, device)
-    sets, fp = patch_sets(cfg, report, build=False)
+    data = patch_sets(cfg, report, build=False)
+    sets, fp = data.sets, data.fingerprint
     if seg_teacher.meta.get("patches_fingerprint") != fp:
         raise InputError(f"{teacher_dir}: the teacher was trained on other patches; re-run `fbta seg-teacher`")
     if int(seg_teacher.meta.get("input_size") or 0) != int(s.input_size):
@@ -49,6 +55,9 @@ def run(cfg: DictConfig) -> int:
     teacher = seg_teacher.net
     teacher_val, _ = evaluate(teacher, sets["val"], opts, device)
     teacher_test, teacher_probs = evaluate(teacher, sets["test"], opts, device)
+    base_val = baselines_of(sets["val"], s.sigma, s.threshold)
+    base_test = baselines_of(sets["test"], s.sigma, s.threshold)
+    floor = selection_floor(base_val)
     seed_everything(opts.seed, s.deterministic)
     if d.init == "teacher":
         student, weights_id = copy.deepcopy(teacher), seg_teacher.meta.get("weights")
@@ -60,7 +69,8 @@ def run(cfg: DictConfig) -> int:
     meta = {"role": "student", "backbone": s.backbone, "weights": weights_id, "input_size": s.input_size,
             "patch_size": int(sets["train"].images.shape[1]), "sigma": s.sigma, "threshold": s.threshold,
             "kd": d.kd, "weighted_ce": d.weighted_ce, "role_reversal": d.role_reversal, "init": d.init,
-            "teacher": str(teacher_dir), "teacher_val_f1": round(teacher_val.f1, 6), "patches_fingerprint": fp,
+            "teacher": str(teacher_dir), "teacher_val_f1": round(teacher_val.f1, 6),
+            "teacher_beats_baselines": bool(teacher_val.f1 > floor), "patches_fingerprint": fp,
             "seed": opts.seed, "device": str(device), "torch": torch.__version__, "python": platform.python_version()}
     started = time.time()
     with stage_run(cfg, "seg_distill", "seg-distill", {"fbta.seg.role": "student", "fbta.seg.kd": d.kd}) as mlrun:
@@ -69,13 +79,16 @@ def run(cfg: DictConfig) -> int:
         def on_epoch(ep, improved: bool) -> None:  # noqa: ANN001
             mlrun.log_metrics({k: v for k, v in ep.as_row().items() if k != "epoch"}, step=ep.epoch)
 
-        result = fit_distill(teacher, student, teacher_val.f1, sets["train"], sets["val"], opts, dopts, device, on_epoch)
+        result = fit_distill(teacher, student, teacher_val.f1, sets["train"], sets["val"], opts, dopts, device, on_epoch,
+                             floor=floor)
         student.load_state_dict(result.best_state)
         test, test_probs = evaluate(student, sets["test"], opts, device)
         reversals = result.extra["reversals"]
         per_epoch = sum(e.as_row()["train_seconds"] for e in result.history) / len(result.history)
         final = {**meta, "epoch": result.best_epoch, "val_f1": result.best.f1, "val_iou": result.best.iou,
-                 "test": test.as_dict(), "teacher_test": teacher_test.as_dict(), "reversals": reversals,
+                 "beats_baselines": result.beats_baselines, "baseline_val_f1": round(floor, 6),
+                 "baselines_val": {k: v.as_dict() for k, v in base_val.items()}, "test": test.as_dict(),
+                 "teacher_test": teacher_test.as_dict(), "reversals": reversals,
                  "beat_teacher": result.extra["beat_teacher"], "epochs_run": len(result.history),
                  "seconds_per_epoch": round(per_epoch, 2), "seconds": round(time.time() - started, 2), "complete": True}
         save_segmenter(folder, student, final)
@@ -84,15 +97,26 @@ def run(cfg: DictConfig) -> int:
         write_pseudo_masks(out_dir(cfg, "seg", "pseudo_masks") / "student_train.h5", student, sets["train"], opts,
                            device, "seg_student")
         plots = save_test_overlays(out_dir(cfg, "reports", "plots", "segmentation", "student"), sets["test"],
-                                   {"teacher": teacher_probs, "student": test_probs}, s.overlays, s.data_seed, s.sigma, s.threshold)
+                                   {"teacher": teacher_probs, "student": test_probs}, s.overlays, s.data_seed, s.sigma,
+                                   s.threshold)
+        maps = write_slide_maps(cfg, data, lambda x: predict_fused(student, x, opts.input_size, device),
+                                out_dir(cfg, "reports", "plots", "segmentation", "slides"), "student", "seg-distill")
+        for m in maps:
+            mlrun.log_artifact(Path(m["path"]), "plots/slides")
         entry = metrics_entry(test, {"val_f1": round(result.best.f1, 6), "epoch": result.best_epoch,
                                      "reversals": len(reversals), "beat_teacher": bool(result.extra["beat_teacher"]),
                                      "teacher_val_f1": round(teacher_val.f1, 6), "kd": d.kd,
+                                     "beats_baselines": bool(result.beats_baselines),
                                      "weighted_ce": bool(d.weighted_ce), "role_reversal": bool(d.role_reversal),
                                      "seconds_per_epoch": round(per_epoch, 2)})
         publish_metrics(out_dir(cfg, "reports"), "seg_distill", {"segmentation": {"student": entry}})
-        log_outcome(mlrun, folder, result.best_epoch, result.best.f1, test, plots[-1], reversals=len(reversals))
+        log_outcome(mlrun, folder, result.best_epoch, result.best.f1, test, plots[-1], reversals=len(reversals),
+                    beats_baselines=float(result.beats_baselines), baseline_val_f1=floor)
     report.write(out_dir(cfg, "reports", "status") / "seg_distill.json")
+    print(scores_table("seg-distill: test scores beside the teacher and the trivial baselines (same patches, same metric)",
+                       {**base_test, "teacher": teacher_test, "student": test}), flush=True)
+    if not result.beats_baselines:
+        print(no_beat_line("seg-distill", result), flush=True)
     print(f"seg-distill: best epoch {result.best_epoch} (val F1 {result.best.f1:.3f}, teacher {teacher_val.f1:.3f}); "
           f"test F1 {test.f1:.3f} (teacher {teacher_test.f1:.3f}), IoU {test.iou:.3f} (teacher {teacher_test.iou:.3f}); "
           f"{len(reversals)} role reversal(s); {per_epoch:.1f} s/epoch (training); model → {folder}", flush=True)

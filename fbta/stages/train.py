@@ -9,6 +9,13 @@ execution with per-epoch metrics.
 ``train.method=vanilla``: the head on cached frozen features.
 ``train.method=fbta``: end-to-end FBTA (fbta/e2e/); the folder also gets
 ``translator.pt`` and ``extractor.pt`` (TFE*), and ``best.pt`` is the EMA head.
+
+Both methods share the EMA (``train.ema_*`` for vanilla, ``fbta.ema_*`` for FBTA:
+same update, period and warm-up) and the selection rule (``train.min_epochs``,
+``train.patience``); a comparison sets the two EMA groups equal. Every key of an
+epoch's ``extra`` (FBTA: loss terms per view, ``gap_ratio``, ``tfe_drift``,
+``tumour_share``, ``ema_decay``, the step-time split) becomes a history.csv
+column and an MLflow metric.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from fbta.mil.plots import save_curves
 from fbta.mil.registry import MILHead, create_mil
 from fbta.mil.resume import RESUME, Resumable
 from fbta.mil.splits import Split
-from fbta.mil.train import Epoch, FitOptions, fit, resolve_device, seed_everything
+from fbta.mil.train import EMA_EVERY, Epoch, FitOptions, fit, resolve_device, seed_everything
 from fbta.slides.cohort import CohortError
 from fbta.stages.common import features_dir, out_dir
 from fbta.stages.milrun import check_method_and_arch, load_cohort, model_folder, variant
@@ -64,9 +71,21 @@ def _head(cfg: DictConfig, in_dim: int, n_classes: int) -> tuple[MILHead, dict]:
 EpochHook = Callable[[int, dict], None]
 
 
+def _check_train_config(cfg: DictConfig) -> None:
+    """The train.* values with a fixed range or set of choices; one line per mistake (exit 2)."""
+    t = cfg.train
+    if t.ema_every not in EMA_EVERY:
+        raise ConfigError(f"train.ema_every='{t.ema_every}' must be one of {', '.join(EMA_EVERY)}")
+    if not 0.0 <= t.ema_alpha < 1.0:
+        raise ConfigError(f"train.ema_alpha={t.ema_alpha} must be in [0, 1)")
+    if t.min_epochs < 0:
+        raise ConfigError(f"train.min_epochs={t.min_epochs} must be ≥ 0")
+
+
 def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
     """Train and save; ``on_epoch(epoch, metrics)`` after every epoch (tuning: report / prune by raising)."""
     check_method_and_arch(cfg)
+    _check_train_config(cfg)
     fbta = cfg.train.method == "fbta"
     if fbta:
         from fbta.e2e.build import check_fbta_config
@@ -97,6 +116,9 @@ def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
         "positive_class": cohort.classes[1] if len(cohort.classes) == 2 else None,
         "weights": "ema" if t.ema or fbta else "raw", "standardize": bool(t.standardize),
         "ema_alpha": cfg.fbta.ema_alpha if fbta else (t.ema_alpha if t.ema else None),
+        "ema_every": (cfg.fbta.ema_every if fbta else t.ema_every) if fbta or t.ema else None,
+        "ema_warmup": bool(cfg.fbta.ema_warmup if fbta else t.ema_warmup) if fbta or t.ema else None,
+        "min_epochs": int(t.min_epochs),
         "features": str(features_dir(cfg)), "split_source": split.source,
         "split": {p: [it.slide_id for it in items] for p, items in cohort.parts.items()},
         "seed": t.seed, "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
@@ -179,7 +201,8 @@ def _vanilla_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagData
     t = cfg.train
     train_ds = BagDataset(cohort.parts["train"], preload=t.preload)
     opts = FitOptions(epochs=t.epochs, patience=t.patience, lr=t.lr, weight_decay=t.weight_decay,
-                      ema_alpha=t.ema_alpha if t.ema else None, balanced=t.balanced, seed=t.seed,
+                      ema_alpha=t.ema_alpha if t.ema else None, ema_every=t.ema_every, ema_warmup=t.ema_warmup,
+                      min_epochs=t.min_epochs, balanced=t.balanced, seed=t.seed,
                       num_workers=0 if t.preload else t.num_workers, progress=cfg.run.progress)
     return lambda hook: fit(head, train_ds, val_ds, opts, device, hook, resume)
 
@@ -187,7 +210,8 @@ def _vanilla_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagData
 def _fbta_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset, device: torch.device,
               meta: dict, resume: Optional[Resumable]):
     """FBTA's models and data; adds the translator/extractor description to ``meta`` (in place)."""
-    from fbta.e2e.build import build_models, build_tfe, fbta_meta, options, pseudo_bags, save_fbta_states
+    from fbta.e2e.build import build_models, build_tfe, fbta_meta, options, probe_patches, pseudo_bags, \
+        save_fbta_states
     from fbta.e2e.trainer import fit_fbta
     from fbta.io.h5 import read_features
 
@@ -198,9 +222,11 @@ def _fbta_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset
     train_ds = pseudo_bags(cfg, cohort.parts["train"])
     meta.update(fbta_meta(cfg, models, units))
     opts = options(cfg)
+    probe = probe_patches(cfg, cohort.parts["val"])
     n_train = sum(p.numel() for p in tfe.parameters() if p.requires_grad)
     print(f"train: FBTA C={cfg.cluster.n_clusters} M={cfg.fbta.m} K={cfg.fbta.k} sampling={cfg.fbta.sampling} "
           f"views={'+'.join(cfg.fbta.views)}; TFE {tfe.name} "
-          f"{'trainable: ' + str(len(units)) + ' units, ' + f'{n_train:,}' + ' parameters' if units else 'frozen'}",
-          flush=True)
-    return (lambda hook: fit_fbta(models, train_ds, val_ds, cohort.classes, opts, device, hook, resume)), save_fbta_states
+          f"{'trainable: ' + str(len(units)) + ' units, ' + f'{n_train:,}' + ' parameters' if units else 'frozen'}; "
+          f"diagnostics on {len(probe) if probe is not None else 0} validation patches", flush=True)
+    return (lambda hook: fit_fbta(models, train_ds, val_ds, cohort.classes, opts, device, hook, resume, probe)), \
+        save_fbta_states

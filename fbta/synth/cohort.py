@@ -17,11 +17,13 @@ import numpy as np
 
 from fbta.io.atomic import atomic_path
 from fbta.synth.slide import make_slide
+from fbta.synth.texture import SOURCE as TEXTURE_SOURCE, make_texture_slide
 
 log = logging.getLogger(__name__)
 
 LABELS = ("normal", "tumour")  # negative, positive
 SPLITS = ("train", "val", "test")
+STYLES = ("texture", "drawn")
 _SLIDE_STREAM, _LABEL_STREAM = 1, 2  # RNG stream ids under the cohort seed
 
 
@@ -189,14 +191,23 @@ def make_cohort(
     labels = assign_labels(n, float(cfg.positive_fraction), seed)
     splits = assign_splits(labels, float(cfg.val_fraction), float(cfg.test_fraction), seed)
     slides_dir.mkdir(parents=True, exist_ok=True)
+    style = str(getattr(cfg, "style", "drawn"))
+    if style not in STYLES:
+        raise ValueError(f"synth.style={style!r} must be one of {', '.join(STYLES)}")
+
+    def render(rng: np.random.Generator, positive: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        size = (int(cfg.width), int(cfg.height), positive, float(cfg.tumour_fraction))
+        if style == "drawn":
+            return make_slide(rng, *size, contrast)
+        return make_texture_slide(rng, *size, strength=contrast, stain_sd=float(cfg.stain_sd),
+                                  source=str(cfg.texture or TEXTURE_SOURCE))
+
     records: list[dict] = []
     for i in tqdm(range(n), desc="synth", unit="slide", disable=not progress):
         start = time.perf_counter()
         slide_id = f"synth_{i:03d}"
         positive = labels[i] == LABELS[1]
-        rgb, tissue, tumour = make_slide(
-            slide_rng(seed, i), int(cfg.width), int(cfg.height), positive, float(cfg.tumour_fraction), contrast
-        )
+        rgb, tissue, tumour = render(slide_rng(seed, i), positive)
         path = slides_dir / f"{slide_id}.svs"
         write_aperio_tiff(path, rgb, float(cfg.mpp), quality=int(cfg.jpeg_quality))
         mask_path = None

@@ -1,7 +1,8 @@
-"""Augmentation of the end-to-end view X_SB (METHODS.md A.4, our choice).
+"""Patch augmentation for training on pixels: FBTA's end-to-end view X_SB (METHODS.md A.4) and the
+IKD-MIL segmentation patches (our choice in both; the authors' IKD-MIL code uses none).
 
-Why these and why batched on the device: the trainable extractor sees only
-C·M patches per slide and step, so cheap label-preserving variety matters —
+Why these and why batched on the device: a trainable extractor sees few
+patches per step (FBTA: C·M per slide), so cheap label-preserving variety matters —
 flips and 90° rotations (tissue has no orientation), mild brightness/contrast/
 saturation/hue jitter, and HED stain jitter (scanner and staining variation,
 Tellez et al. 2019). Each is a small function over a float B×3×H×W batch in

@@ -1,0 +1,371 @@
+"""A protocol that can tell (issue #14): vanilla vs FBTA, per MIL head, on identical splits, seeds and budget.
+
+One *unit* = one arm × one split × one seed: ``fbta train`` into its own
+folder, then ``fbta evaluate`` (vanilla) or ``fbta infer`` (FBTA: translator
+path, plus TFE* re-extraction with ``--reextract``), with tracking off. Every
+arm sees exactly the same splits (a per-split labels.csv with a ``split``
+column, passed as ``data.labels``), the same seeds and the same ``--set``
+overrides. The cohort's frozen features and clusters are shared read-only
+(``data.features`` and a ``clusters`` symlink), as in benchmarks/fbta_demo.py.
+
+Two protocols::
+
+    # stratified 5-fold CV: test = fold k, val = fold k+1 (or --val slice: a stratified slice of the rest)
+    .venv/bin/python benchmarks/fbta_protocol.py --protocol kfold --folds 5 --seeds 0 1 2 --data /tmp/c48 \\
+        --arms abmil:vanilla abmil:fbta transmil:vanilla transmil:fbta mambamil:vanilla mambamil:fbta \\
+               'abmil:fbta:fbta.views=[eb]' 'abmil:fbta:fbta.views=[fb,eb]' abmil:fbta:fbta.trainable_extractor=false \\
+               abmil:fbta:fbta.sampling=random abmil:fbta:fbta.k=20 \\
+        --set train.epochs=20 train.patience=6 train.ema=true train.ema_alpha=0.9 train.ema_every=epoch \\
+              fbta.ema_alpha=0.9 fbta.ema_every=epoch train.ema_warmup=true fbta.ema_warmup=true
+
+    # the paper's few-shot regime: per draw, 10 train + 5 val slides per class (seeded by the draw), the rest test
+    .venv/bin/python benchmarks/fbta_protocol.py --protocol fewshot --draws 5 --train-per-class 10 \\
+        --val-per-class 5 --seeds 0 --data /tmp/c48 --arms abmil:vanilla abmil:fbta --set ...
+
+An arm is ``arch:method[:key=value;key=value]`` (its own overrides after the
+common ``--set`` ones). The same EMA must be given to both methods: FBTA
+always validates and deploys its EMA teacher (``fbta.ema_alpha``,
+``fbta.ema_every``); vanilla only with ``train.ema=true`` — pass
+``train.ema=true train.ema_alpha=0.9 train.ema_every=epoch fbta.ema_alpha=0.9
+fbta.ema_every=epoch`` (and ``train.ema_warmup`` = ``fbta.ema_warmup``) via
+``--set``, or the comparison is EMA vs no EMA. The
+effective budget of every arm (epochs, patience, lr, EMA) is resolved from
+params.yaml + overrides, printed, stored, and any difference between arms is
+warned about. ``train.epochs=N`` in ``--set`` also sets ``fbta.epochs=N``
+unless that is given too (params.yaml's CPU demo gives FBTA fewer epochs).
+
+What each number means (all on the unit's *test* split unless named val):
+
+- per arm: mean ± sample sd over its units (splits × seeds) of test AUC
+  (binary: positive-class AUC; more classes: one-vs-rest macro), accuracy
+  (argmax) and macro-F1 of the deployed path (``classification.<method>``);
+  ``re-extract AUC`` is the TFE* path (``--reextract``); val AUC is the
+  model-selection score at the best epoch.
+- paired Δ (A − B): per unit, A's metric minus B's on the same split and seed,
+  then the mean and a percentile-bootstrap 95 % interval over units (10,000
+  resamples, seeded). Pairs: X:fbta − X:vanilla per head; every arm with
+  overrides − its arch:method without (the ablations vs full ``abmil:fbta``);
+  every arm − the pooled probe. An interval that excludes 0 is a difference
+  this protocol can tell; units of one split share it, so the interval is
+  optimistic when seeds, not splits, dominate the spread.
+- baselines per test split: ``all-<class>`` (constant prediction: AUC 0.5,
+  accuracy = that class's share) and ``probe``: mean-pooled frozen features →
+  standardised logistic regression fitted on the same train split, C chosen on
+  the val split (``--probe-c val``, grid 0.01–10) or fixed, scored on the test
+  split. A MIL arm that does not beat the probe learned nothing pooling cannot.
+- per unit also: best epoch, epochs run, wall and per-epoch seconds, and the
+  last epoch's diagnostics from history.csv when present (gap_ratio,
+  tfe_drift, l_dist, l_cons, l_cls_fb/eb/tb, tumour_share, ...).
+
+Results accumulate in ``reports/bench/fbta_protocol_<name>.json`` (``--name``,
+default the protocol): a unit already there is skipped, so an interrupted
+protocol resumes (and a unit killed mid-training resumes from its resume.pt).
+The splits, overrides and data are fixed per name: changing them is an error
+(choose another ``--name``). At the end a markdown table is printed, stored in
+the JSON, and a BENCHMARKS.md row written (only for the default ``--results``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from common import ROOT, machine, record
+from protocol_design import (Arm, budget_of, budget_warnings, check_overrides, fewshot_splits, kfold_splits,
+                             mirror_epochs, pairs_of, parse_arm, split_labels_csv)
+from protocol_stats import (clean, constant_baselines, epoch_seconds, headline, history_diagnostics,
+                            markdown, paired_table, pooled_features, pooled_probe, summarise, unit_key)
+
+from fbta.io.atomic import atomic_write_text
+
+
+# -- one unit ---------------------------------------------------------------------------------
+
+
+class UnitFailed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Context:
+    out_root: Path
+    params: Path
+    data: Path
+    slides: Path
+    features: Path
+    masks: Optional[Path]
+    common: tuple[str, ...]
+    reextract: bool
+    keep_models: bool
+
+
+def _cli(args: list[str], log: Path) -> None:
+    cmd = [sys.executable, "-m", "fbta", *args]
+    with log.open("a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if rc != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise UnitFailed(f"`fbta {args[0]}` exited {rc}; log {log}:\n{tail}")
+
+
+def unit_overrides(ctx: Context, arm: Arm, seed: int, out: Path, labels_csv: Path) -> list[str]:
+    fixed = [f"data.out={out}", f"data.labels={labels_csv}", f"data.slides={ctx.slides}",
+             f"data.features={ctx.features}", f"data.masks={ctx.masks}" if ctx.masks else "data.masks=null",
+             "tracking.enabled=false", "run.progress=false", f"mil.arch={arm.arch}", f"train.method={arm.method}",
+             f"train.seed={seed}"]
+    return [*ctx.common, *arm.overrides, *fixed]
+
+
+def run_unit(ctx: Context, arm: Arm, split: str, seed: int, labels_csv: Path) -> dict[str, Any]:
+    out = ctx.out_root / split / arm.slug / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    clusters = out / "clusters"
+    if not clusters.exists() and not clusters.is_symlink() and (ctx.data / "clusters").is_dir():
+        clusters.symlink_to((ctx.data / "clusters").resolve())
+    ov = unit_overrides(ctx, arm, seed, out, labels_csv)
+    params = ["--params", str(ctx.params)]
+    log = out / "log.txt"
+    t0 = time.time()
+    _cli(["train", *ov, *params], log)
+    t_train = time.time() - t0
+    if arm.method == "fbta":
+        _cli(["infer", *ov, f"infer.reextract={str(ctx.reextract).lower()}", *params], log)
+    else:
+        _cli(["evaluate", *ov, *params], log)
+    wall = time.time() - t0
+    folder = out / "models" / f"{arm.method}_{arm.arch}"
+    meta = json.loads((folder / "meta.json").read_text())
+    cls = json.loads((out / "reports" / "metrics.json").read_text())["classification"]
+    keep = ("auc", "acc", "f1", "n", "seconds", "speedup_translator", "agreement", "mean_abs_prob_gap")
+    test = {v: {k: cls[v][k] for k in keep if k in cls[v]} for v in (arm.method, f"{arm.method}_reextract") if v in cls}
+    epochs_run = int(meta.get("epochs_run", 0))
+    per_epoch = epoch_seconds(folder / "history.csv")
+    unit = {"arm": arm.spec, "arch": arm.arch, "method": arm.method, "overrides": list(arm.overrides),
+            "split": split, "seed": seed, "test": test, "val_auc": meta.get("val_auc"),
+            "best_epoch": meta.get("epoch"), "epochs_run": epochs_run, "stopped_early": meta.get("stopped_early"),
+            "train_seconds": round(t_train, 2), "wall_seconds": round(wall, 2),
+            "seconds_per_epoch": round(per_epoch if per_epoch is not None else t_train / max(epochs_run, 1), 3),
+            "diagnostics": history_diagnostics(folder / "history.csv"), "folder": str(out)}
+    if not ctx.keep_models:
+        for p in folder.glob("*.pt"):
+            p.unlink()
+    return unit
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def _write(path: Path, payload: Mapping[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(clean(payload), indent=2, allow_nan=False))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--protocol", choices=("kfold", "fewshot"), required=True)
+    p.add_argument("--name", help="results name (default: the protocol): reports/bench/fbta_protocol_<name>.json")
+    p.add_argument("--arms", nargs="+", default=["abmil:vanilla", "abmil:fbta"],
+                   help="arch:method[:key=value;key=value] per arm")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed values (every arm, every split)")
+    p.add_argument("--set", nargs="*", default=[], dest="common", metavar="KEY=VALUE",
+                   help="overrides for every arm (epochs, patience, EMA, device, head sizes)")
+    p.add_argument("--folds", type=int, default=5, help="kfold: number of stratified folds")
+    p.add_argument("--val", choices=("fold", "slice"), default="fold",
+                   help="kfold: val = the next fold, or a stratified slice of the training folds")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="kfold --val slice: share of the rest")
+    p.add_argument("--draws", type=int, default=5, help="fewshot: number of random draws")
+    p.add_argument("--train-per-class", type=int, default=10)
+    p.add_argument("--val-per-class", type=int, default=5)
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the folds / draws (not of training)")
+    p.add_argument("--splits", nargs="*", default=None, help="run only these splits (e.g. fold0 draw1)")
+    p.add_argument("--reextract", action="store_true", help="FBTA arms also score TFE* re-extraction")
+    p.add_argument("--probe-c", default="val", help="probe's C: 'val' (chosen on the val split) or a number")
+    p.add_argument("--boot", type=int, default=10_000, help="bootstrap resamples")
+    p.add_argument("--boot-seed", type=int, default=0)
+    p.add_argument("--data", type=Path, default=ROOT / "data",
+                   help="the cohort's data.out after tile/extract/cluster (slides/, labels.csv, features/, clusters/)")
+    p.add_argument("--features", type=Path, help="feature folder (default: <data>/features/<extract.model>)")
+    p.add_argument("--labels", type=Path, help="labels.csv (default: <data>/labels.csv)")
+    p.add_argument("--slides", type=Path, help="slide folder (default: <data>/slides)")
+    p.add_argument("--masks", type=Path, help="annotation masks (default: <data>/masks if present)")
+    p.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    p.add_argument("--out", type=Path, default=Path("/tmp/fbta_protocol"), help="unit folders: <out>/<name>/...")
+    p.add_argument("--results", type=Path, help="results JSON (default: reports/bench/fbta_protocol_<name>.json; "
+                   "only the default gets a BENCHMARKS.md row)")
+    p.add_argument("--keep-models", action="store_true", help="keep each unit's *.pt files (default: deleted)")
+    p.add_argument("--keep-going", action="store_true", help="a failed unit is reported, not fatal (retried next run)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from fbta.config import ConfigError, load_config
+    from fbta.io.h5 import feature_files
+    from fbta.slides.cohort import read_labels
+
+    name = args.name or args.protocol
+    bench_name = f"fbta_protocol_{name}"
+    default_results = ROOT / "reports" / "bench" / f"{bench_name}.json"
+    results = (args.results or default_results).resolve()
+    try:
+        arms = [parse_arm(s) for s in args.arms]
+        check_overrides(args.common, "--set")
+    except ValueError as exc:
+        print(f"fbta_protocol: error: {exc}", file=sys.stderr)
+        return 2
+    if len({a.spec for a in arms}) != len(arms):
+        print("fbta_protocol: error: an arm is listed twice", file=sys.stderr)
+        return 2
+    common = mirror_epochs(list(args.common))
+    data = args.data.resolve()
+    params = args.params.resolve()
+    try:
+        base_cfg = load_config(params, common)
+    except ConfigError as exc:
+        print(f"fbta_protocol: error: --set: {exc}", file=sys.stderr)
+        return 2
+    features = (args.features or data / "features" / base_cfg.extract.model).resolve()
+    labels_path = (args.labels or data / "labels.csv").resolve()
+    slides = (args.slides or data / "slides").resolve()
+    masks = args.masks.resolve() if args.masks else (data / "masks" if (data / "masks").is_dir() else None)
+
+    # the cohort: labelled slides with a feature file
+    rows = {r["slide_id"].strip(): r for r in csv.DictReader(labels_path.read_text(encoding="utf-8-sig").splitlines())}
+    entries = read_labels(labels_path, slides)  # validates the CSV like the stages do
+    files = feature_files(features)
+    labels = {sid: e.label for sid, e in entries.items() if e.label and sid in files}
+    left_out = sorted(sid for sid, e in entries.items() if e.label and sid not in files)
+    if left_out:
+        print(f"note: {len(left_out)} labelled slide(s) without features left out: {', '.join(left_out[:5])}")
+    if not labels:
+        print(f"fbta_protocol: error: no labelled slide has features in {features}", file=sys.stderr)
+        return 2
+    classes = sorted(set(labels.values()))
+    try:
+        if args.protocol == "kfold":
+            splits = kfold_splits(labels, args.folds, args.split_seed, args.val, args.val_fraction)
+            desc = f"stratified {args.folds}-fold CV (val: {args.val}), {len(labels)} slides"
+        else:
+            splits = fewshot_splits(labels, args.draws, args.train_per_class, args.val_per_class, args.split_seed)
+            desc = (f"few-shot {args.train_per_class}+{args.val_per_class} per class, {args.draws} draws, "
+                    f"{len(labels)} slides")
+    except ValueError as exc:
+        print(f"fbta_protocol: error: {exc}", file=sys.stderr)
+        return 2
+    run_splits = list(splits) if args.splits is None else args.splits
+    unknown = [s for s in run_splits if s not in splits]
+    if unknown:
+        print(f"fbta_protocol: error: unknown split(s) {unknown}; have {list(splits)}", file=sys.stderr)
+        return 2
+
+    # budget: resolved per arm (validates every override before the first unit)
+    budget: dict[str, dict[str, Any]] = {}
+    for a in arms:
+        try:
+            budget[a.spec] = budget_of(params, [*common, *a.overrides], a.method)
+        except ConfigError as exc:
+            print(f"fbta_protocol: error: arm {a.spec}: {exc}", file=sys.stderr)
+            return 2
+    warnings = budget_warnings(budget, {a.spec: a.overrides for a in arms})
+    print(f"protocol {name}: {desc}; arms {len(arms)}, seeds {args.seeds}, splits {run_splits}")
+    print(f"common overrides: {' '.join(common) or '(none)'}")
+    for a, b in budget.items():
+        print(f"  budget {a}: {json.dumps(b)}")
+    for w in warnings:
+        print(f"WARNING: {w}", file=sys.stderr)
+
+    settings = {"protocol": args.protocol, "description": desc, "folds": args.folds, "val": args.val,
+                "val_fraction": args.val_fraction, "draws": args.draws, "train_per_class": args.train_per_class,
+                "val_per_class": args.val_per_class, "split_seed": args.split_seed, "common_overrides": common,
+                "params": str(params), "data": str(data), "features": str(features), "labels": str(labels_path),
+                "reextract": args.reextract, "probe_c": args.probe_c}
+    state: dict[str, Any] = json.loads(results.read_text()) if results.exists() else {}
+    if state.get("settings") not in (None, settings):
+        old = state["settings"]
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        print(f"fbta_protocol: error: {results} was made with other settings {diff}; choose another --name "
+              "(or delete it to start over)", file=sys.stderr)
+        return 2
+    units: dict[str, dict[str, Any]] = state.get("units", {})
+    out_root = (args.out / name).resolve()
+    ctx = Context(out_root, params, data, slides, features, masks, tuple(common), args.reextract, args.keep_models)
+
+    # per-split labels.csv (identical for every arm and seed) and the baselines
+    pooled = pooled_features({s: files[s] for s in labels})
+    probe_c = None if args.probe_c == "val" else float(args.probe_c)
+    baselines: dict[str, dict[str, Any]] = {}
+    split_csv: dict[str, Path] = {}
+    for sname in run_splits:
+        part = splits[sname]
+        path = out_root / "splits" / sname / "labels.csv"
+        text = split_labels_csv(part, rows)
+        if path.exists() and path.read_text() != text:
+            print(f"fbta_protocol: error: {path} holds another split than this protocol draws; use another "
+                  "--out or --name", file=sys.stderr)
+            return 2
+        if not path.exists():
+            atomic_write_text(path, text)
+        split_csv[sname] = path
+        baselines[sname] = {**constant_baselines(part, labels, classes),
+                            "probe": pooled_probe(pooled, part, labels, classes, probe_c)}
+
+    payload_base = {"settings": settings, "machine": machine(), "classes": classes, "left_out": left_out,
+                    "budget": budget, "budget_warnings": warnings, "arms": [a.spec for a in arms],
+                    "seeds": args.seeds,
+                    "splits": {s: {p: [k for k, q in part.items() if q == p] for p in ("train", "val", "test")}
+                               for s, part in splits.items()}}
+    todo = [(a, s, seed) for s in run_splits for seed in args.seeds for a in arms]
+    failed: list[str] = []
+    for i, (arm, sname, seed) in enumerate(todo, 1):
+        key = unit_key(arm.spec, sname, seed)
+        if key in units:
+            print(f"[{i}/{len(todo)}] {key}: done before, skipped", flush=True)
+            continue
+        print(f"[{i}/{len(todo)}] {key} ...", flush=True)
+        try:
+            u = run_unit(ctx, arm, sname, seed, split_csv[sname])
+        except UnitFailed as exc:
+            if not args.keep_going:
+                print(f"fbta_protocol: unit {key} failed: {exc}", file=sys.stderr)
+                return 1
+            print(f"  FAILED (continuing): {exc}", file=sys.stderr, flush=True)
+            failed.append(key)
+            continue
+        units[key] = u
+        _write(results, {**state, **payload_base, "baselines": {**state.get("baselines", {}), **baselines},
+                         "units": units})
+        m = u["test"].get(arm.method, {})
+        print(f"  test AUC {m.get('auc')}, ACC {m.get('acc')}, F1 {m.get('f1')}; val AUC {u['val_auc']}; best epoch "
+              f"{u['best_epoch']}/{u['epochs_run']}; {u['wall_seconds']:.0f} s", flush=True)
+
+    all_baselines = {**state.get("baselines", {}), **baselines}
+    arm_specs = [a.spec for a in arms]
+    summary = summarise({k: u for k, u in units.items() if u["arm"] in arm_specs}, arm_specs, all_baselines)
+    pairs = pairs_of(arms) + [(a.spec, "[probe]") for a in arms]
+    paired = paired_table({k: u for k, u in units.items() if u["arm"] in arm_specs}, pairs, all_baselines,
+                          args.boot, args.boot_seed)
+    title = f"fbta_protocol {name}: {desc}, seeds {args.seeds}"
+    table = markdown(summary, paired, title)
+    print("\n" + table)
+    for w in warnings:
+        print(f"WARNING: {w}")
+    payload = {**state, **payload_base, "baselines": all_baselines, "units": units, "summary": summary,
+               "paired": paired, "table_md": table, "failed": failed}
+    line = headline(summary, paired, title)
+    if results == default_results.resolve():
+        record(bench_name, clean(payload), line)
+    else:
+        _write(results, payload)
+        print(f"\n{line}\n→ {results}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,7 @@ path, plus TFE* re-extraction with ``--reextract``), with tracking off. Every
 arm sees exactly the same splits (a per-split labels.csv with a ``split``
 column, passed as ``data.labels``), the same seeds and the same ``--set``
 overrides. The cohort's frozen features and clusters are shared read-only
-(``data.features`` and a ``clusters`` symlink), as in benchmarks/fbta_demo.py.
+(``data.features`` and a ``clusters`` symlink).
 
 Two protocols::
 

@@ -28,17 +28,26 @@ from fbta.config import load_config  # noqa: E402
 from fbta.io.atomic import atomic_write_text  # noqa: E402
 from fbta.mil.train import seed_everything  # noqa: E402
 from fbta.seg.dataset import PatchSet, cache_path  # noqa: E402
+from fbta.seg.metrics import SegScores  # noqa: E402
 from fbta.seg.distill import DistillOptions, fit_distill  # noqa: E402
 from fbta.seg.network import create_segnet  # noqa: E402
 from fbta.seg.pipeline import baselines_of, fit_options, resolve_device  # noqa: E402
 from fbta.seg.train import evaluate, fit_teacher  # noqa: E402
 
-VARIANTS = {
+VARIANTS = {  # DistillOptions changes; "init" (backbone | teacher) is where the student starts
     "full": {},
+    "init_teacher": {"init": "teacher"},
     "no_weighted_ce": {"weighted_ce": False},
     "no_role_reversal": {"role_reversal": False},
     "blockwise_kd": {"kd": "blockwise"},
 }
+
+
+def groups(sc: SegScores) -> dict[str, float]:
+    """Test scores overall and per weak-label group (positives, negatives, the ambiguous patches left out)."""
+    return {"test_f1": sc.f1, "test_iou": sc.iou, "test_hausdorff": sc.hausdorff,
+            "test_tumour_f1_pos": sc.tumour_f1_pos, "test_tumour_iou_pos": sc.tumour_iou_pos,
+            "test_background_f1_neg": sc.background_f1_neg, "test_ambiguous_f1": sc.ambiguous_f1}
 
 
 def main() -> None:
@@ -46,6 +55,9 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="data.out of a finished `fbta seg-teacher` run (its patch caches)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ablation-seeds", type=int, nargs="*", default=None, help="default: the first seed")
+    ap.add_argument("--name", default="seg_ablation", help="results: reports/bench/<name>.json")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="student variants on the ablation seeds (full runs on every seed)")
     ap.add_argument("overrides", nargs="*", help="params overrides, e.g. seg.teacher.epochs=8")
     args = ap.parse_args()
     cfg = load_config(ROOT / "params.yaml", [f"data.out={args.out}", "run.progress=false", *args.overrides])
@@ -53,17 +65,15 @@ def main() -> None:
     sets = {p: PatchSet(cache_path(args.out, p)) for p in ("train", "val", "test")}
     device = resolve_device(s.device)
     ablation_seeds = args.seeds[:1] if args.ablation_seeds is None else args.ablation_seeds
-    dest = ROOT / "reports" / "bench" / "seg_ablation.partial.json"
+    dest = ROOT / "reports" / "bench" / f"{args.name}.partial.json"
     rows: list[dict] = json.loads(dest.read_text()) if dest.exists() else []  # an interrupted run goes on
     done = {(r["seed"], r["model"], r["variant"]) for r in rows}
     for name, sc in baselines_of(sets["test"], s.sigma, s.threshold).items():  # no training: once, seed "-"
         if ("-", name, "-") not in done:
-            rows.append({"seed": "-", "model": name, "variant": "-", "test_f1": sc.f1, "test_iou": sc.iou,
-                         "test_tumour_f1_pos": sc.tumour_f1_pos, "test_background_f1_neg": sc.background_f1_neg,
-                         "test_hausdorff": sc.hausdorff})
+            rows.append({"seed": "-", "model": name, "variant": "-", **groups(sc)})
             print(json.dumps(rows[-1]), flush=True)
     for seed in args.seeds:
-        wanted = [v for v in VARIANTS if v == "full" or seed in ablation_seeds]
+        wanted = [v for v in VARIANTS if v == "full" or (seed in ablation_seeds and v in args.variants)]
         if (seed, "teacher", "-") in done and all((seed, "student", v) in done for v in wanted):
             continue
         t_opts = fit_options(cfg, "teacher")
@@ -76,8 +86,8 @@ def main() -> None:
         t_test, _ = evaluate(teacher, sets["test"], t_opts, device)
         t_epoch = sum(e.extra["train_seconds"] for e in tr.history) / len(tr.history)
         if (seed, "teacher", "-") not in done:  # same seed → the same teacher (deterministic)
-            rows.append({"seed": seed, "model": "teacher", "variant": "-", "val_f1": tr.best.f1, "test_f1": t_test.f1,
-                         "test_iou": t_test.iou, "test_hausdorff": t_test.hausdorff, "best_epoch": tr.best_epoch,
+            rows.append({"seed": seed, "model": "teacher", "variant": "-", "val_f1": tr.best.f1, **groups(t_test),
+                         "best_epoch": tr.best_epoch,
                          "beats_baselines": tr.beats_baselines, "baseline_val_f1": tr.floor,
                          "s_per_epoch": round(t_epoch, 2), "wall_s": round(time.perf_counter() - t0, 1)})
             print(json.dumps(rows[-1]), flush=True)
@@ -88,20 +98,23 @@ def main() -> None:
             d = s.distill
             base = dict(kd=d.kd, weighted_ce=d.weighted_ce, ce_weight=d.ce_weight, role_reversal=d.role_reversal,
                         reversal_start=d.reversal_start, reversal_every=d.reversal_every)
+            change = dict(change)
+            init = change.pop("init", d.init)
             dopts = DistillOptions(**{**base, **change})
             opts = fit_options(cfg, "distill")
             opts.seed = seed
             teacher.load_state_dict(state)
             seed_everything(seed, s.deterministic)
             student, _ = create_segnet(s.backbone, s.weights, s.out_indices, s.fusion, s.fusion_weights)
+            if init == "teacher":
+                student.load_state_dict(state)
             t0 = time.perf_counter()
             res = fit_distill(teacher, student, tr.best.f1, sets["train"], sets["val"], opts, dopts, device)
             student.load_state_dict(res.best_state)
             test, _ = evaluate(student, sets["test"], opts, device)
             epoch_s = sum(e.extra["train_seconds"] for e in res.history) / len(res.history)
             rows.append({"seed": seed, "model": "student", "variant": name, "val_f1": res.best.f1,
-                         "test_f1": test.f1, "test_iou": test.iou, "test_hausdorff": test.hausdorff,
-                         "best_epoch": res.best_epoch, "reversals": len(res.extra["reversals"]),
+                         **groups(test), "best_epoch": res.best_epoch, "init": init, "reversals": len(res.extra["reversals"]),
                          "beats_baselines": res.beats_baselines, "baseline_val_f1": res.floor,
                          "beat_teacher_val": bool(res.extra["beat_teacher"]), "s_per_epoch": round(epoch_s, 2),
                          "wall_s": round(time.perf_counter() - t0, 1)})
@@ -116,7 +129,7 @@ def main() -> None:
                 f"trivial maps: all-background {base.get('baseline_all_background', float('nan')):.3f}, all-tumour "
                 f"{base.get('baseline_all_tumour', float('nan')):.3f}; {sum(r['reversals'] for r in fulls)} role "
                 "reversal(s)")
-    record("seg_ablation", {"rows": rows, "params": {"seg": OmegaConf.to_container(cfg.seg)}}, headline)
+    record(args.name, {"rows": rows, "params": {"seg": OmegaConf.to_container(cfg.seg)}}, headline)
     dest.unlink(missing_ok=True)
 
 

@@ -7,6 +7,7 @@ with coordinates always in level-0 pixels, as CLAM and TRIDENT expect.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -104,8 +105,15 @@ class Slide:
         return img, w0 / out_w
 
 
+FAST_VENDORS = {"aperio", "generic-tiff"}  # TIFF pyramids whose tiles fbta.slides.tiled reads directly
+READERS = ("auto", "openslide")
+READER_ENV = "FBTA_SLIDE_READER"
+
+
 class OpenSlideSlide(Slide):
-    def __init__(self, path: Path, csv_mpp: Optional[float], default_mpp: Optional[float]):
+    """OpenSlide's metadata; pixels from the TIFF's own tiles where ``reader='auto'`` allows (fbta.slides.tiled)."""
+
+    def __init__(self, path: Path, csv_mpp: Optional[float], default_mpp: Optional[float], reader: str = "auto"):
         import openslide
 
         self.path = path
@@ -122,8 +130,36 @@ class OpenSlideSlide(Slide):
             for (w, h), d in zip(self._osr.level_dimensions, self._osr.level_downsamples)
         ]
         self.mpp, self.mpp_source = resolve_mpp(path, props, None, csv_mpp, default_mpp)
+        self._tiles = None
+        if reader == "auto" and self.vendor in FAST_VENDORS:
+            from fbta.slides.tiled import TiledTiff
+
+            try:
+                self._tiles = TiledTiff(path, [(lv.width, lv.height) for lv in self.levels])
+            except Exception:  # tifffile cannot parse what OpenSlide can: OpenSlide reads everything
+                self._tiles = None
+
+    @property
+    def fast_levels(self) -> list[int]:
+        """Levels read straight from the TIFF's tiles (the rest go through OpenSlide)."""
+        return self._tiles.fast_levels if self._tiles is not None else []
 
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        tiles = self._tiles
+        if tiles is not None and tiles.usable(level):
+            from fbta.slides.tiled import level_origin
+
+            ds = self.levels[level].downsample
+            origin = level_origin(x, y, ds)  # None off the level's pixel grid: OpenSlide interpolates there
+            if origin is not None and tiles.self_check(level, ds, self._openslide_read):
+                lx, ly = origin
+                try:
+                    return tiles.read(level, lx, ly, int(width), int(height))
+                except Exception:  # a tile that does not decode: OpenSlide reads it or names the problem
+                    pass
+        return self._openslide_read(x, y, level, width, height)
+
+    def _openslide_read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         import openslide
 
         try:
@@ -136,6 +172,8 @@ class OpenSlideSlide(Slide):
         return _rgba_on_white(arr)
 
     def close(self) -> None:
+        if self._tiles is not None:
+            self._tiles.close()
         self._osr.close()
 
 
@@ -200,8 +238,18 @@ def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
     return ((rgb.astype(np.uint16) * a + 255 * (255 - a)) // 255).astype(np.uint8)
 
 
-def open_slide(path: str | Path, csv_mpp: Optional[float] = None, default_mpp: Optional[float] = None) -> Slide:
-    """Open ``path`` with the right backend and resolve its MPP, or raise SlideError."""
+def open_slide(path: str | Path, csv_mpp: Optional[float] = None, default_mpp: Optional[float] = None,
+               reader: Optional[str] = None) -> Slide:
+    """Open ``path`` with the right backend and resolve its MPP, or raise SlideError.
+
+    ``reader``: ``auto`` reads tiled TIFF/SVS pyramids straight from their tiles where that is
+    verified to match OpenSlide (fbta.slides.tiled), ``openslide`` always uses ``read_region``;
+    None: ``$FBTA_SLIDE_READER``, else ``auto`` (the switch reaches every stage and worker).
+    """
+    if reader is None:
+        reader = os.environ.get(READER_ENV) or "auto"
+    if reader not in READERS:
+        raise ValueError(f"reader='{reader}' must be one of {', '.join(READERS)} (argument or ${READER_ENV})")
     path = Path(path)
     if not path.exists():
         raise SlideError(f"{path}: file not found")
@@ -212,7 +260,7 @@ def open_slide(path: str | Path, csv_mpp: Optional[float] = None, default_mpp: O
         raise SlideError(f"{path}: unsupported extension '{suffix}'")
     try:
         if suffix in OPENSLIDE_EXTENSIONS and _openslide_format(path) is not None:
-            return OpenSlideSlide(path, csv_mpp, default_mpp)
+            return OpenSlideSlide(path, csv_mpp, default_mpp, reader)
         if suffix in IMAGE_EXTENSIONS:
             return ImageSlide(path, csv_mpp, default_mpp)
     except MppError as exc:

@@ -103,6 +103,7 @@ class ClusterCfg:
     n_clusters: int = 100  # C; a slide with N < C patches gets C = N
     seed: int = 0
     method: str = "auto"  # auto | torch | sklearn | elkan | minibatch (see benchmarks/kmeans.py)
+    device: str = "auto"  # the torch method's device: auto (CUDA when present) | cpu | cuda[:N]
 
 
 @dataclass

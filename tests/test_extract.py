@@ -123,3 +123,14 @@ def test_cluster_runs_on_an_existing_clam_folder(tmp_path: Path):
                  "run.progress=false", "run.strict=true"]) == 0
     with h5py.File(out / "clusters/clam_feats/TCGA-YY.h5") as f:
         assert f["labels"].shape == (40,) and f.attrs["n_clusters"] == 5
+        assert f.attrs["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # cluster.device=auto reached it
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cluster_on_a_device_the_machine_lacks_is_one_line_naming_the_setting(tmp_path: Path, capsys):
+    folder = tmp_path / "feats"
+    write_features(folder / "s.h5", np.zeros((4, 8), np.float32), np.zeros((4, 2), np.int64), {"extractor": "x"})
+    assert main(["cluster", f"data.features={folder}", f"data.out={tmp_path / 'out'}", "cluster.device=cuda",
+                 "run.progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "cluster.device='cuda'" in err and "no CUDA device" in err

@@ -67,7 +67,8 @@ class StepOptions:
     views: Sequence[str] = VIEWS  # which bags enter L_cls and L_cons
     consistency: bool = True  # the EMA term L_cons
     augment: Augment = Augment()
-    amp: bool = False  # autocast (CUDA only)
+    amp: bool = False  # bfloat16 autocast on CUDA (where bf16 is supported)
+    amp_on_cpu: bool = False  # the same autocast on CPU: tests and the GPU check's CPU dry run exercise the path
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -76,6 +77,15 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     if isinstance(ema, Extractor):
         ema.set_trainable(False)
     return ema
+
+
+def autocast_enabled(opts: StepOptions, device: torch.device) -> bool:
+    """bf16 autocast where asked: on CUDA when the GPU supports bf16, on CPU only with ``amp_on_cpu``."""
+    if not opts.amp:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and opts.amp_on_cpu
 
 
 def distillation_loss(heads: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -100,7 +110,7 @@ def fbta_step(m: FBTAModels, bag: PseudoBag, t_over_T: float, opts: StepOptions,
     Returns the loss terms and where the time went (extractor, translator, MIL).
     """
     # bfloat16 autocast only: no loss scaling is needed (float16 without a GradScaler can underflow)
-    use_amp = opts.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_amp = autocast_enabled(opts, device)
     y = bag.label.to(device).view(1)
     t0 = _sync(device)
     f_fb = bag.features.to(device, non_blocking=True)  # frozen bag F_FB (all N patches)

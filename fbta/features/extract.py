@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fbta.features.registry import Extractor
+from fbta.device import resolve_device
 from fbta.slides.reader import Slide, open_slide
 
 
@@ -50,10 +51,7 @@ class SlidePatches(Dataset):
         return {**self.__dict__, "_slide": None}  # never ship an open handle to a worker
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+pick_device = resolve_device  # the name earlier code imported
 
 
 def features_fingerprint(extractor: Extractor, coords_attrs: dict[str, Any]) -> str:

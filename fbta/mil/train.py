@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
+from fbta.device import resolve_device  # noqa: F401 (re-exported: one resolver)
 from fbta.mil.data import BagDataset
 from fbta.mil.metrics import Scores, score
 from fbta.mil.registry import MILHead
@@ -48,10 +49,6 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 EMA_EVERY = ("epoch", "step")

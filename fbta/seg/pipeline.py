@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from fbta.config import ConfigError, InputError
+from fbta.device import resolve_device  # noqa: F401 (re-exported: one resolver)
 from fbta.io.atomic import atomic_path
 from fbta.io.reports import write_csv
 from fbta.mil.splits import resolve_split
@@ -70,8 +71,6 @@ def fit_options(cfg: DictConfig, stage: str) -> FitOptions:
                       loss=s.teacher.loss, gmp_r=s.teacher.gmp_r)
 
 
-def resolve_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
 @dataclass

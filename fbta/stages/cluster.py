@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from fbta.config import save_config
+from fbta.device import resolve_device
 from fbta.features.kmeans import cluster_bag
 from fbta.io.h5 import _py, clusters_complete, feature_files, read_features, write_clusters
 from fbta.io.lock import claimed, raise_if_storage
@@ -25,6 +26,7 @@ def run(cfg: DictConfig) -> int:
     dest_dir.mkdir(parents=True, exist_ok=True)
     report = StageReport("cluster")
     c = cfg.cluster
+    device = resolve_device(c.device, "cluster.device")
     files = feature_files(feats_dir)
     subset = only_slides(cfg, files, str(feats_dir))
     files = {k: v for k, v in files.items() if subset is None or k in subset}
@@ -51,13 +53,14 @@ def run(cfg: DictConfig) -> int:
             t0 = time.perf_counter()
             try:
                 feats, _, _ = read_features(fpath)
-                labels, centroids = cluster_bag(feats, c.n_clusters, c.seed, method=c.method)
+                labels, centroids = cluster_bag(feats, c.n_clusters, c.seed, method=c.method, device=device)
             except Exception as exc:
                 report.failed(slide_id, f"{fpath}: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
                 continue
             try:
                 write_clusters(dest, labels, centroids, {**expect, "n_clusters": len(centroids),
-                                                         "features_file": str(fpath), "n_patches": len(feats)})
+                                                         "features_file": str(fpath), "n_patches": len(feats),
+                                                         "device": device.type})
             except OSError as exc:  # a full or read-only disk stops the stage
                 raise_if_storage(exc, dest, "cluster")
                 report.failed(slide_id, f"{dest}: {type(exc).__name__}: {exc}", time.perf_counter() - t0)

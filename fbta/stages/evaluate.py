@@ -114,7 +114,7 @@ def run(cfg: DictConfig) -> int:
     """The trained model's deployed path (FBTA: translator → EMA MIL) on the held-out slides."""
     check_method_and_arch(cfg)
     folder = model_folder(cfg)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     model = load_classifier(folder, device)
     part, items, classes = held_out(cfg, model.meta, folder)
     probs, _ = predict(model, BagDataset(items), device)

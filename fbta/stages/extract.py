@@ -8,7 +8,8 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from fbta.config import save_config
-from fbta.features.extract import SlidePatches, extract_patches, features_fingerprint, pick_device
+from fbta.device import resolve_device
+from fbta.features.extract import SlidePatches, extract_patches, features_fingerprint
 from fbta.features.registry import create_extractor
 from fbta.io.h5 import coords_complete, features_complete, read_coords, write_features
 from fbta.io.lock import claimed, raise_if_storage
@@ -18,7 +19,7 @@ from fbta.status import StageReport
 
 
 def run(cfg: DictConfig) -> int:
-    device = pick_device(cfg.extract.device)
+    device = resolve_device(cfg.extract.device, "extract.device")
     extractor = create_extractor(cfg.extract.model, weights=cfg.extract.weights, trainable=False, device=device,
                                  input_size=cfg.extract.input_size)
     coords_dir = out_dir(cfg, "coords")

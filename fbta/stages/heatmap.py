@@ -99,7 +99,7 @@ def run(cfg: DictConfig) -> int:
     if h.cmap not in matplotlib.colormaps:
         raise ConfigError(f"heatmap.cmap='{h.cmap}' is not a matplotlib colormap (e.g. turbo, jet, viridis)")
     folder = model_folder(cfg)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     head = load_classifier(folder, device)  # FBTA: translator → EMA MIL, as deployed
     meta = head.meta
     files = feature_files(features_dir(cfg))

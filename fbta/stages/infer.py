@@ -31,7 +31,7 @@ def run(cfg: DictConfig) -> int:
         raise ConfigError("fbta infer compares the translator and re-extraction paths of an FBTA model: "
                           "set train.method=fbta (a vanilla model is scored by `fbta evaluate`)")
     folder = model_folder(cfg)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     model = load_classifier(folder, device)
     if model.translator is None:
         raise ConfigError(f"{folder}: model has no translator; train it with train.method=fbta")

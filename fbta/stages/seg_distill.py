@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> int:
     check_config(cfg)
     s, d = cfg.seg, cfg.seg.distill
     report = StageReport("seg_distill")
-    device = resolve_device(s.device)
+    device = resolve_device(s.device, "seg.device")
     teacher_dir = out_dir(cfg, "models", "seg_teacher")
     seg_teacher = load_segmenter(teacher_dir, device)
     data = patch_sets(cfg, report, build=False)

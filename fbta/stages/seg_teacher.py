@@ -39,7 +39,7 @@ def run(cfg: DictConfig) -> int:
     data = patch_sets(cfg, report, build=True)
     sets, fp = data.sets, data.fingerprint
     print(f"seg-teacher: {describe(sets)}", flush=True)
-    device = resolve_device(s.device)
+    device = resolve_device(s.device, "seg.device")
     opts = fit_options(cfg, "teacher")
     seed_everything(opts.seed, s.deterministic)
     net, weights_id = create_segnet(s.backbone, s.weights, s.out_indices, s.fusion, s.fusion_weights)

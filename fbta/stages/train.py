@@ -102,7 +102,7 @@ def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
     folder = model_folder(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META).unlink(missing_ok=True)  # the folder is incomplete until this run's first best epoch
-    device = resolve_device(t.device)
+    device = resolve_device(t.device, "train.device")
     seed_everything(t.seed, t.deterministic)
     head, mil_kwargs = _head(cfg, cohort.in_dim, len(cohort.classes))
     if t.standardize:

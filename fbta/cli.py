@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from fbta.config import ConfigError, InputError, load_config
@@ -46,10 +47,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def params_source(params: str, overrides: Sequence[str]) -> str:
+    """Which parameters are in force — said at the start of every command, never silently the schema's."""
+    path = Path(params)
+    more = f" + {len(overrides)} override(s)" if overrides else ""
+    if path.exists():
+        return f"params {path.resolve()}{more}"
+    return (f"params: built-in defaults{more} — no {params} in {Path.cwd()}, so the schema's GPU-sized values "
+            "are in force (e.g. train.epochs=200); pass --params FILE to use a params file")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(args.params, args.overrides)
+        print(f"fbta {args.command}: {params_source(args.params, args.overrides)}", flush=True)
         module = importlib.import_module(f"fbta.stages.{COMMANDS[args.command][0]}")
         return int(module.run(cfg) or 0)
     except (ConfigError, CohortError, InputError) as exc:

@@ -68,6 +68,9 @@ class TissueCfg:
     close_um: float = 16.0  # morphological closing radius
     min_area_um2: float = 20000.0  # drop tissue pieces smaller than this
     max_hole_um2: float = 50000.0  # fill holes smaller than this
+    thin_um: float = 64.0  # fat / loose tissue: window in which thin strands are counted (0 = off)
+    thin_density: float = 0.12  # share of strand pixels in that window that makes it tissue
+    thin_cell_um2: float = 20000.0  # largest vacuole (adipocyte) the strands enclose
 
 
 @dataclass

@@ -5,6 +5,8 @@ setting's name (a ConfigError: one line, exit code 2) — not deep inside the fi
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fbta.config import ConfigError
@@ -30,3 +32,27 @@ def resolve_device(name: str | torch.device, setting: str = "device") -> torch.d
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ConfigError(f"{setting}='{name}': MPS is not available on this machine")
     return dev
+
+
+_said: set[str] = set()
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may use (the affinity mask, not the machine's total)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def fit_workers(n: int, setting: str) -> int:
+    """Loader worker processes capped at the usable cores, said once per setting instead of PyTorch's
+    per-loader warning ("This DataLoader will create 4 worker processes … suggested max 2")."""
+    n = max(0, int(n))
+    cores = cpu_cores()
+    if n > cores:
+        if setting not in _said:
+            _said.add(setting)
+            print(f"{setting}={n} > {cores} usable CPU core(s) here: using {cores}", flush=True)
+        return cores
+    return n

@@ -11,6 +11,9 @@ from pathlib import Path
 from fbta.config import ConfigError, load_config
 
 
+PATCH_STAGES = {"tile", "extract"}  # the stages that make patches; others' counts are not news
+
+
 def summarise(out: Path, with_metrics: bool = True) -> str:
     lines: list[str] = []
     status_dir = out / "reports" / "status"
@@ -21,7 +24,7 @@ def summarise(out: Path, with_metrics: bool = True) -> str:
         c = rep["counts"]
         lines.append(f"{rep['stage']:<10} done {c['done']:>4}  skipped {c['skipped']:>4}  failed {c['failed']:>4}")
         patches = [s["info"].get("patches") for s in rep["slides"] if s["info"].get("patches") is not None]
-        if patches:
+        if patches and rep["stage"] in PATCH_STAGES:
             lines.append(f"{'':<10} patches per slide: min {min(patches)}, median {sorted(patches)[len(patches) // 2]}, "
                          f"max {max(patches)}, total {sum(patches)}")
     metrics = out / "reports" / "metrics.json"

@@ -41,7 +41,8 @@ def test_a_patch_read_back_at_its_coordinate_is_tissue(real_slide: Path):
         tissue_share = lambda x, y: (saturation(s.read_region(x, y, 0, 256, 256)) > 25).mean()  # noqa: E731
         inside = [tissue_share(x, y) for x, y in t.coords]
         outside = [tissue_share(x, y) for x in range(0, 1964, 256) for y in range(0, 2711, 256) if (x, y) not in kept]
-    assert min(inside) > 0.25 and np.median(inside) > 0.75
+    # loose connective tissue at the edges is tissue too (issue #20): pale, so its saturated share is lower
+    assert min(inside) > 0.15 and np.median(inside) > 0.75
     assert np.median(outside) < 0.05 and np.mean(np.array(outside) > 0.5) < 0.05
 
 

@@ -75,3 +75,65 @@ def test_sizes_are_physical_so_small_crops_keep_their_tissue():
         side = int(300 / mpp)
         img = pink_on_white(side * 3, side * 3, (side, side, 2 * side, 2 * side))
         assert tissue_mask(img, mpp, CFG).sum() > 0.8 * side * side
+
+
+# -- issue #20: red/violet ink, fat, and the real slide ----------------------------------------------------
+
+
+@pytest.mark.parametrize("ink", [(200, 45, 65), (150, 30, 50), (120, 55, 170), (100, 40, 140)],
+                         ids=["red", "dark-red", "violet", "purple"])
+def test_red_and_violet_pen_strokes_on_glass_are_not_tissue(ink):
+    """The case from the field: a tile of marker strokes on glass came out 54 % tissue."""
+    rng = np.random.default_rng(0)
+    img = np.clip(242 + rng.normal(0, 2, (200, 300, 3)), 0, 255).astype(np.uint8)
+    for y in range(20, 180, 40):  # four hand-drawn-ish strokes
+        img[y:y + 10, 20:280] = np.clip(np.array(ink) + rng.integers(-8, 8, (10, 260, 3)), 0, 255)
+    assert tissue_mask(img, MPP, CFG).mean() < 0.01
+
+
+def test_the_real_slide_keeps_its_tissue_under_every_ink_rule(real_slide):
+    """No H&E pixel of the real CMU-1 slide reads as ink (bluish-grey fibres once did, as 'green')."""
+    from fbta.slides.reader import open_slide
+
+    with open_slide(real_slide) as s:
+        img, ds = s.read_at_mpp(MPP)
+    with_pen = tissue_mask(img, s.mpp * ds, CFG)
+    without = tissue_mask(img, s.mpp * ds, TissueCfg(remove_pen=False))
+    assert (without & ~with_pen).sum() < 0.001 * without.sum()
+    assert pen_mask(img)[without].mean() < 0.001
+
+
+def adipose(shape_um: tuple[int, int], cell_um: int = 70, septum_um: int = 4, seed: int = 0) -> np.ndarray:
+    """Fat at 1 µm/px: empty Voronoi vacuoles framed by thin pink septa, on white."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    h, w = shape_um
+    seeds = np.zeros((h, w), np.int32)
+    n = h * w // cell_um ** 2
+    seeds[rng.integers(0, h, n), rng.integers(0, w, n)] = np.arange(1, n + 1)
+    _, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
+    cells = seeds[iy, ix]
+    septa = (cells != np.roll(cells, 1, 0)) | (cells != np.roll(cells, 1, 1))
+    septa = ndi.binary_dilation(septa, iterations=septum_um // 2)
+    img = np.full((h, w, 3), (244, 244, 246), np.float32)
+    img[septa] = (225, 140, 180)
+    return img + rng.normal(0, 2, img.shape)
+
+
+def test_pale_fat_is_tissue_though_its_septa_are_one_pixel_at_mask_resolution():
+    full = np.full((1600, 2400, 3), 244.0) + np.random.default_rng(1).normal(0, 2, (1600, 2400, 3))
+    full[200:1400, 400:2000] = adipose((1200, 1600))
+    low = np.clip(full.reshape(400, 4, 600, 4, 3).mean((1, 3)), 0, 255).astype(np.uint8)  # the 4 µm/px level
+    fat = truth((400, 600), (100, 50, 500, 350))
+    assert iou(tissue_mask(low, MPP, CFG), fat) > 0.8
+    assert not tissue_mask(low, MPP, TissueCfg(thin_um=0)).any()  # what the median filter alone leaves
+    assert not (tissue_mask(low, MPP, CFG) & ~fat).any()  # the glass around it stays glass
+
+
+def test_dust_on_glass_is_not_a_net_of_strands():
+    rng = np.random.default_rng(2)
+    img = np.clip(242 + rng.normal(0, 3, (300, 300, 3)), 0, 255).astype(np.uint8)
+    ys, xs = rng.integers(0, 300, 150), rng.integers(0, 300, 150)  # sparse specks, 1 px each
+    img[ys, xs] = (200, 150, 170)
+    assert not tissue_mask(img, MPP, CFG).any()

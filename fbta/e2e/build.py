@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fbta.config import ConfigError
+from fbta.device import fit_workers
 from fbta.features.augment import Augment
 from fbta.e2e.diagnostics import ProbePatches, choose_probe
 from fbta.e2e.pseudobags import SAMPLING, PseudoBags, SlideSource
@@ -108,7 +109,7 @@ def options(cfg: DictConfig) -> FBTAOptions:
     return FBTAOptions(epochs=f.epochs if f.epochs is not None else t.epochs, patience=t.patience, lr=t.lr, translator_lr=f.translator_lr,
                        extractor_lr=f.extractor_lr, weight_decay=t.weight_decay, ema_alpha=f.ema_alpha,
                        ema_every=f.ema_every, ema_warmup=f.ema_warmup, min_epochs=t.min_epochs,
-                       balanced=t.balanced, seed=t.seed, num_workers=f.num_workers,
+                       balanced=t.balanced, seed=t.seed, num_workers=fit_workers(f.num_workers, "fbta.num_workers"),
                        prefetch=f.prefetch, progress=cfg.run.progress, step=step)
 
 

@@ -76,9 +76,8 @@ def feature_stats(items: Sequence[BagItem]) -> tuple[np.ndarray, np.ndarray]:
     """
     total, sq, n = 0.0, 0.0, 0
     for it in items:
-        feats, _, _ = read_features(it.path)
-        check_bag(it.path, feats)
-        f = feats.astype(np.float64)
+        feats = BagDataset._read(it)
+        f = feats.numpy().astype(np.float64)
         total, sq, n = total + f.sum(0), sq + (f * f).sum(0), n + len(f)
     if n == 0:
         raise ValueError("no instances to compute feature statistics from")
@@ -98,6 +97,9 @@ def bag_shape(path: Path, check_finite: bool = False) -> tuple[int, int]:
             raise KeyError("no 'features' dataset")
         ds = f["features"]
         shape = ds.shape
+        if "coords" in f and len(shape) >= 1 and f["coords"].shape[:1] != shape[:1]:
+            raise FeaturesError(f"{path}: {shape[0]} feature rows but {f['coords'].shape[0]} coords (a damaged "
+                                "copy, or a file from another tool); re-extract this slide")
         if check_finite and len(shape) in (2, 3):
             for start in range(0, shape[0], FINITE_CHUNK):
                 bad = ~np.isfinite(np.asarray(ds[start:start + FINITE_CHUNK], dtype=np.float32))
@@ -160,7 +162,10 @@ class BagDataset(Dataset):
 
     @staticmethod
     def _read(item: BagItem) -> torch.Tensor:
-        feats, _, _ = read_features(item.path)
+        try:
+            feats, _, _ = read_features(item.path)
+        except (OSError, KeyError, ValueError) as exc:  # changed since build_cohort checked it: still one line
+            raise FeaturesError(f"{item.path}: unreadable features ({exc})") from None
         check_bag(item.path, feats)  # the file may have changed since build_cohort checked it
         return torch.from_numpy(feats)
 

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from fbta.config import save_config
-from fbta.device import resolve_device
+from fbta.device import fit_workers, resolve_device
 from fbta.features.extract import SlidePatches, extract_patches, features_fingerprint
 from fbta.features.registry import create_extractor
 from fbta.io.h5 import coords_complete, features_complete, read_coords, write_features
@@ -20,6 +20,7 @@ from fbta.status import StageReport
 
 def run(cfg: DictConfig) -> int:
     device = resolve_device(cfg.extract.device, "extract.device")
+    workers = fit_workers(cfg.extract.num_workers, "extract.num_workers")
     extractor = create_extractor(cfg.extract.model, weights=cfg.extract.weights, trainable=False, device=device,
                                  input_size=cfg.extract.input_size)
     coords_dir = out_dir(cfg, "coords")
@@ -57,7 +58,7 @@ def run(cfg: DictConfig) -> int:
                 t0 = time.perf_counter()
                 try:
                     ds = SlidePatches(entry.path, coords, attrs, entry.mpp)
-                    feats = extract_patches(ds, extractor, device, cfg.extract.batch_size, cfg.extract.num_workers,
+                    feats = extract_patches(ds, extractor, device, cfg.extract.batch_size, workers,
                                             cfg.extract.amp, on_batch=bar.update)
                     if not np.isfinite(feats).all():
                         raise ValueError("the model produced NaN/inf features")

@@ -18,7 +18,7 @@ from fbta.config import ConfigError
 from fbta.e2e.build import load_ema_extractor
 from fbta.e2e.classifier import load_classifier
 from fbta.e2e.reextract import reextract_slide, translate_slide
-from fbta.mil.train import resolve_device
+from fbta.device import fit_workers, resolve_device
 from fbta.slides.cohort import CohortError, read_labels
 from fbta.stages.common import out_dir
 from fbta.stages.evaluate import held_out, report_variant, variant_files
@@ -60,7 +60,7 @@ def run(cfg: DictConfig) -> int:
         for it in items:
             e = entries[it.slide_id]
             redone.append(reextract_slide(model, tfe, it.path, e.path, e.mpp, device, cfg.infer.batch_size,
-                                          cfg.infer.num_workers, cfg.extract.amp, bar.update))
+                                          fit_workers(cfg.infer.num_workers, "infer.num_workers"), cfg.extract.amp, bar.update))
     t_reextract = sum(r.seconds for r in redone)
     probs_r = np.stack([r.probs for r in redone])
     same = float(np.mean(probs_r.argmax(1) == probs_t.argmax(1)))

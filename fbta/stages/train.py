@@ -36,7 +36,8 @@ from fbta.mil.plots import save_curves
 from fbta.mil.registry import MILHead, create_mil
 from fbta.mil.resume import RESUME, Resumable
 from fbta.mil.splits import Split
-from fbta.mil.train import EMA_EVERY, Epoch, FitOptions, fit, resolve_device, seed_everything
+from fbta.device import fit_workers, resolve_device
+from fbta.mil.train import EMA_EVERY, Epoch, FitOptions, fit, seed_everything
 from fbta.slides.cohort import CohortError
 from fbta.stages.common import features_dir, out_dir
 from fbta.stages.milrun import check_method_and_arch, load_cohort, model_folder, variant
@@ -50,7 +51,12 @@ def _describe(split: Split, cohort: Cohort) -> str:
     return f"slides: {' · '.join(parts)}; split from {split.source}"
 
 
-def _check_trainable(cohort: Cohort) -> None:
+def _check_trainable(cohort: Cohort, labels: str) -> None:
+    """Refuse, before anything is written, a cohort no classifier can be trained or selected on."""
+    if len(cohort.classes) < 2:
+        found = ", ".join(f"'{c}'" for c in cohort.classes) or "none"
+        raise CohortError(f"{labels}: classification needs at least 2 classes; the label column has {found} "
+                          f"({sum(len(p) for p in cohort.parts.values())} slides with features)")
     counts = cohort.counts()
     absent = [c for c, n in counts["train"].items() if n == 0]
     if absent:
@@ -96,7 +102,7 @@ def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
     report = StageReport("train")
     for sid, why in cohort.missing.items():
         report.failed(sid, why)
-    _check_trainable(cohort)
+    _check_trainable(cohort, cfg.data.labels)
     print(f"train: {cfg.mil.arch} ({t.method}) on {features_dir(cfg)}; {_describe(split, cohort)}", flush=True)
 
     folder = model_folder(cfg)
@@ -177,9 +183,24 @@ def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
     per_epoch = sum(e.seconds for e in result.history) / len(result.history)
     print(f"train: best epoch {result.best_epoch} (val AUC {b.val.auc:.3f}, acc {b.val.acc:.3f}, "
           f"loss {b.val.loss:.3f}); {stop}, {per_epoch:.2f} s/epoch; model → {folder}", flush=True)
+    note = selection_note(len(cohort.parts["val"]))
+    if note:
+        print(f"train: {note}", flush=True)
     if cohort.missing:
         print(report.summary(), flush=True)
     return report.exit_code(cfg.run.strict)
+
+
+SMALL_VAL = 20  # below this, one slide moves a balanced split's val AUC by > 0.1 (2/n)
+
+
+def selection_note(n_val: int) -> str:
+    """A hint when the validation split is too small to select an epoch on."""
+    if n_val >= SMALL_VAL:
+        return ""
+    return (f"note: {n_val} validation slide(s) — one slide moves val AUC by up to {2 / max(n_val, 1):.2f}, so the "
+            "best epoch is close to a coin toss; give the val split more slides (split column or "
+            "train.val_fraction), or compare methods with benchmarks/fbta_protocol.py")
 
 
 def _best(ep: Epoch) -> dict[str, object]:
@@ -203,7 +224,7 @@ def _vanilla_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagData
     opts = FitOptions(epochs=t.epochs, patience=t.patience, lr=t.lr, weight_decay=t.weight_decay,
                       ema_alpha=t.ema_alpha if t.ema else None, ema_every=t.ema_every, ema_warmup=t.ema_warmup,
                       min_epochs=t.min_epochs, balanced=t.balanced, seed=t.seed,
-                      num_workers=0 if t.preload else t.num_workers, progress=cfg.run.progress)
+                      num_workers=0 if t.preload else fit_workers(t.num_workers, "train.num_workers"), progress=cfg.run.progress)
     return lambda hook: fit(head, train_ds, val_ds, opts, device, hook, resume)
 
 

@@ -26,8 +26,10 @@ def record(name: str, payload: dict[str, Any], headline: str) -> Path:
     from fbta.io.atomic import atomic_write_text
 
     command = command_line()
-    payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-               "command": command, **payload}
+    # this run's date and command always win: a payload carried over from an earlier run (a resumed
+    # protocol's results file) must not stamp the row with that run's date or command
+    payload = {"machine": machine(), **payload, "benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M"),
+               "command": command}
     out = ROOT / "reports" / "bench" / f"{name}.json"
     atomic_write_text(out, json.dumps(payload, indent=2))
     append_row(name, payload["date"], payload["machine"], command, headline)
@@ -40,11 +42,17 @@ def command_line() -> str:
 
 
 def append_row(name: str, date: str, machine_desc: str, command: str, headline: str) -> None:
-    """One row of BENCHMARKS.md (created with its header if missing)."""
+    """One row of BENCHMARKS.md per (benchmark, command): a re-run replaces its own older row, so every row
+    is the latest result of exactly the command it shows (created with its header if missing)."""
+    from fbta.io.atomic import atomic_write_text
+
     table = ROOT / "BENCHMARKS.md"
     if not table.exists():
         table.write_text("# Benchmarks\n\nRatios measured side by side in one run (absolute times on shared "
-                         "machines are noisy). Each row: `reports/bench/<name>.json`.\n\n"
-                         "| date | benchmark | machine | command | result |\n|---|---|---|---|---|\n")
-    with table.open("a") as fh:
-        fh.write(f"| {date} | {name} | {machine_desc} | `{command}` | {headline} |\n")
+                         "machines are noisy). Each row: `reports/bench/<name>.json`, the latest run of its "
+                         "command.\n\n| date | benchmark | machine | command | result |\n|---|---|---|---|---|\n")
+    row = f"| {date} | {name} | {machine_desc} | `{command}` | {headline} |\n"
+    lines = table.read_text().splitlines(keepends=True)
+    same = f"| {name} | "
+    kept = [ln for ln in lines if not (same in ln and f"| `{command}` |" in ln)]
+    atomic_write_text(table, "".join(kept) + row)

@@ -59,10 +59,15 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True, help="cohort folder: labels.csv, slides/, masks/, features/")
     p.add_argument("--models", type=Path, nargs="+", required=True, help="FBTA model folders (meta.json, extractor.pt)")
     p.add_argument("--features", default="efficientnet_lite0")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="labels.csv with the split the models were trained on (default: <data>/labels.csv); "
+                        "e.g. a protocol unit's splits/<split>.csv, so that test slides are unseen")
+    p.add_argument("--name", default="fbta_patch_probe", help="results: reports/bench/<name>.json")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args()
-    rows = list(csv.DictReader((args.data / "labels.csv").open()))
-    entries = read_labels(args.data / "labels.csv", args.data / "slides")
+    labels = args.labels or args.data / "labels.csv"
+    rows = list(csv.DictReader(labels.open()))
+    entries = read_labels(labels, args.data / "slides")
     h5 = args.data / "features" / args.features / "h5_files"
     device = torch.device("cpu")
     frozen: dict[str, dict[str, list]] = {"train": {"x": [], "y": []}, "test": {"x": [], "y": []}}
@@ -95,13 +100,15 @@ def main() -> None:
         st = {s: np.concatenate(v) for s, v in star.items()}
         res = {"tfe_star": probe_auc((st["train"], ys["train"]), (st["test"], ys["test"])),
                "translated": probe_auc((tr["train"], ys["train"]), (tr["test"], ys["test"])),
-               "fbta": {k: meta["fbta"][k] for k in ("views", "sampling", "trainable_extractor", "epochs")},
+               "fbta": {k: meta["fbta"].get(k) for k in ("views", "sampling", "trainable_extractor", "epochs",
+                                                           "extractor_lr")},
                "seed": meta["seed"]}
         result["models"][str(folder)] = res
         print(f"{folder}: probe AUC TFE* {res['tfe_star']:.3f}, translated {res['translated']:.3f} "
               f"(frozen {result['frozen']:.3f})", flush=True)
     gains = [m["tfe_star"] - result["frozen"] for m in result["models"].values()]
-    record("fbta_patch_probe", result, f"tumour-patch probe AUC (test slides): frozen {result['frozen']:.3f}; "
+    result["labels"] = str(labels)
+    record(args.name, result, f"tumour-patch probe AUC (test slides): frozen {result['frozen']:.3f}; "
            + "; ".join(f"{Path(k).parent.parent.name}: TFE* {m['tfe_star']:.3f}, translated {m['translated']:.3f}"
                        for k, m in result["models"].items()) + f" (mean TFE* gain {np.mean(gains):+.3f})")
 

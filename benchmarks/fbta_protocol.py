@@ -347,10 +347,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     all_baselines = {**state.get("baselines", {}), **baselines}
     arm_specs = [a.spec for a in arms]
-    summary = summarise({k: u for k, u in units.items() if u["arm"] in arm_specs}, arm_specs, all_baselines)
+    # exactly this command's units (arms × splits × seeds): the table is reproducible from the command line,
+    # whatever other units earlier commands left in the same results file
+    asked = {unit_key(a.spec, sp, seed) for a, sp, seed in todo}
+    mine = {k: u for k, u in units.items() if k in asked}
+    summary = summarise(mine, arm_specs, {s: all_baselines[s] for s in run_splits if s in all_baselines})
     pairs = pairs_of(arms) + [(a.spec, "[probe]") for a in arms]
-    paired = paired_table({k: u for k, u in units.items() if u["arm"] in arm_specs}, pairs, all_baselines,
-                          args.boot, args.boot_seed)
+    paired = paired_table(mine, pairs, all_baselines, args.boot, args.boot_seed)
     title = f"fbta_protocol {name}: {desc}, seeds {args.seeds}"
     table = markdown(summary, paired, title)
     print("\n" + table)

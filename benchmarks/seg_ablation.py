@@ -50,6 +50,22 @@ def groups(sc: SegScores) -> dict[str, float]:
             "test_background_f1_neg": sc.background_f1_neg, "test_ambiguous_f1": sc.ambiguous_f1}
 
 
+def long_teacher(cfg, sets: dict[str, PatchSet], seed: int, device) -> dict:  # noqa: ANN001
+    """The compute control: one teacher for teacher.epochs + distill.epochs epochs, best by validation F1."""
+    s = cfg.seg
+    opts = fit_options(cfg, "teacher")
+    opts.seed, opts.epochs = seed, int(s.teacher.epochs) + int(s.distill.epochs)
+    seed_everything(seed, s.deterministic)
+    net, _ = create_segnet(s.backbone, s.weights, s.out_indices, s.fusion, s.fusion_weights)
+    t0 = time.perf_counter()
+    res = fit_teacher(net, sets["train"], sets["val"], opts, device)
+    net.load_state_dict(res.best_state)
+    test, _ = evaluate(net, sets["test"], opts, device)
+    return {"seed": seed, "model": "teacher", "variant": "long", "epochs": opts.epochs, "val_f1": res.best.f1,
+            **groups(test), "best_epoch": res.best_epoch, "beats_baselines": res.beats_baselines,
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="data.out of a finished `fbta seg-teacher` run (its patch caches)")
@@ -58,6 +74,9 @@ def main() -> None:
     ap.add_argument("--name", default="seg_ablation", help="results: reports/bench/<name>.json")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
                     help="student variants on the ablation seeds (full runs on every seed)")
+    ap.add_argument("--long-teacher", action="store_true",
+                    help="also a teacher trained teacher.epochs + distill.epochs epochs: the student's total budget, "
+                         "so that distillation is compared with simply training longer")
     ap.add_argument("overrides", nargs="*", help="params overrides, e.g. seg.teacher.epochs=8")
     args = ap.parse_args()
     cfg = load_config(ROOT / "params.yaml", [f"data.out={args.out}", "run.progress=false", *args.overrides])
@@ -66,7 +85,12 @@ def main() -> None:
     device = resolve_device(s.device)
     ablation_seeds = args.seeds[:1] if args.ablation_seeds is None else args.ablation_seeds
     dest = ROOT / "reports" / "bench" / f"{args.name}.partial.json"
-    rows: list[dict] = json.loads(dest.read_text()) if dest.exists() else []  # an interrupted run goes on
+    final = ROOT / "reports" / "bench" / f"{args.name}.json"
+    rows: list[dict] = []  # an interrupted run goes on; a finished one is extended (e.g. --long-teacher later)
+    if dest.exists():
+        rows = json.loads(dest.read_text())
+    elif final.exists():
+        rows = json.loads(final.read_text())["rows"]
     done = {(r["seed"], r["model"], r["variant"]) for r in rows}
     for name, sc in baselines_of(sets["test"], s.sigma, s.threshold).items():  # no training: once, seed "-"
         if ("-", name, "-") not in done:
@@ -74,6 +98,10 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     for seed in args.seeds:
         wanted = [v for v in VARIANTS if v == "full" or (seed in ablation_seeds and v in args.variants)]
+        if args.long_teacher and (seed, "teacher", "long") not in done:
+            rows.append(long_teacher(cfg, sets, seed, device))
+            print(json.dumps(rows[-1]), flush=True)
+            atomic_write_text(dest, json.dumps(rows, indent=2))
         if (seed, "teacher", "-") in done and all((seed, "student", v) in done for v in wanted):
             continue
         t_opts = fit_options(cfg, "teacher")
@@ -120,7 +148,7 @@ def main() -> None:
                          "wall_s": round(time.perf_counter() - t0, 1)})
             print(json.dumps(rows[-1]), flush=True)
             atomic_write_text(dest, json.dumps(rows, indent=2))
-    teachers = [r for r in rows if r["model"] == "teacher"]
+    teachers = [r for r in rows if r["model"] == "teacher" and r["variant"] == "-"]
     fulls = [r for r in rows if r["variant"] == "full"]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     base = {r["model"]: r["test_f1"] for r in rows if r["model"].startswith("baseline_")}

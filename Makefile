@@ -15,12 +15,13 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv test test-slow demo lock clean-data serve flow-run dashboard mlflow-ui audit
+.PHONY: help venv test test-slow demo lock clean-data serve flow-run dashboard mlflow-ui audit gpu-check
 
 help:
 	@echo "make demo       build .venv, make the demo cohort, run the pipeline (dvc repro), print results"
 	@echo "make test       build .venv, run the test suite (slow tests excluded)"
 	@echo "make test-slow  the slow tests only"
+	@echo "make gpu-check  on a CUDA machine: every GPU path + GPU figures → gpu_check.json (DEVICE=cpu: dry run)"
 	@echo "make lock       re-resolve requirements.lock from pyproject.toml"
 	@echo "make serve      Prefect server on 127.0.0.1:$(PREFECT_PORT) + the process serving prefect.yaml's deployments"
 	@echo "make flow-run   (another shell, while serve runs) prefect deployment run 'fbta-pipeline/local' --watch"
@@ -40,6 +41,11 @@ $(STAMP): requirements.lock pyproject.toml
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# every CUDA path + the GPU figures in one JSON (benchmarks/gpu_check.py). On a bare CUDA box with PyTorch and no
+# network, carry the wheels README § "GPU check" names and run the same line with its PYTHONPATH.
+gpu-check:
+	PYTHONPATH=. $(if $(wildcard $(BIN)/python),$(BIN)/python,python3) benchmarks/gpu_check.py $(if $(OUT),--out $(OUT),)
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow

@@ -21,6 +21,9 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
 
 
+BENCH_OUT_ENV = "FBTA_BENCH_OUT"
+
+
 def record(name: str, payload: dict[str, Any], headline: str) -> Path:
     """Write reports/bench/<name>.json and append a row to BENCHMARKS.md."""
     from fbta.io.atomic import atomic_write_text
@@ -30,8 +33,12 @@ def record(name: str, payload: dict[str, Any], headline: str) -> Path:
     # protocol's results file) must not stamp the row with that run's date or command
     payload = {"machine": machine(), **payload, "benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M"),
                "command": command}
-    out = ROOT / "reports" / "bench" / f"{name}.json"
+    elsewhere = os.environ.get(BENCH_OUT_ENV)  # a caller collecting results (gpu_check.py): no BENCHMARKS.md row
+    out = (Path(elsewhere) if elsewhere else ROOT / "reports" / "bench") / f"{name}.json"
     atomic_write_text(out, json.dumps(payload, indent=2))
+    if elsewhere:
+        print(f"\n{name}: {headline}\n→ {out}")
+        return out
     append_row(name, payload["date"], payload["machine"], command, headline)
     print(f"\n{name}: {headline}\n→ {out.relative_to(ROOT)}, BENCHMARKS.md")
     return out

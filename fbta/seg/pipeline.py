@@ -5,7 +5,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import h5py
 import numpy as np
@@ -211,8 +211,8 @@ def baseline_entries(test: Mapping[str, SegScores], val: Mapping[str, SegScores]
     return {k: metrics_entry(v, {"val_f1": round(val[k].f1, 6)}) for k, v in test.items()}
 
 
-def log_outcome(mlrun: Any, folder: Path, best_epoch: int, best_val_f1: float, test: Any, overview: Path,
-                **metrics: float) -> None:
+def log_outcome(mlrun: Any, folder: Path, best_epoch: int, best_val_f1: float, test: Any,
+                overview: Optional[Path], **metrics: float) -> None:
     """A finished seg stage's MLflow record: best epoch, test scores, the model folder's files, the overlays."""
     from fbta.seg.model import META, WEIGHTS
 
@@ -221,7 +221,8 @@ def log_outcome(mlrun: Any, folder: Path, best_epoch: int, best_val_f1: float, t
                           if not (isinstance(v, float) and math.isnan(v))}})
     for f in (WEIGHTS, META, "history.csv", "config.yaml"):
         mlrun.log_artifact(folder / f, "model")
-    mlrun.log_artifact(overview, "plots")
+    if overview is not None:  # seg.overlays=0 draws none
+        mlrun.log_artifact(overview, "plots")
 
 
 def write_slide_maps(cfg: DictConfig, data: SegData, predict: Any, dest: Path, model: str, stage: str

@@ -110,7 +110,7 @@ def run(cfg: DictConfig) -> int:
                                      "weighted_ce": bool(d.weighted_ce), "role_reversal": bool(d.role_reversal),
                                      "seconds_per_epoch": round(per_epoch, 2)})
         publish_metrics(out_dir(cfg, "reports"), "seg_distill", {"segmentation": {"student": entry}})
-        log_outcome(mlrun, folder, result.best_epoch, result.best.f1, test, plots[-1], reversals=len(reversals),
+        log_outcome(mlrun, folder, result.best_epoch, result.best.f1, test, plots[-1] if plots else None, reversals=len(reversals),
                     beats_baselines=float(result.beats_baselines), baseline_val_f1=floor)
     report.write(out_dir(cfg, "reports", "status") / "seg_distill.json")
     print(scores_table("seg-distill: test scores beside the teacher and the trivial baselines (same patches, same metric)",

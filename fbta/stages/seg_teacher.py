@@ -86,7 +86,7 @@ def run(cfg: DictConfig) -> int:
                                      "seconds_per_epoch": round(per_epoch, 2)})
         publish_metrics(out_dir(cfg, "reports"), "seg_teacher",
                         {"segmentation": {"teacher": entry, **baseline_entries(base_test, base_val)}})
-        log_outcome(mlrun, folder, result.best_epoch, result.best.f1, test, plots[-1],
+        log_outcome(mlrun, folder, result.best_epoch, result.best.f1, test, plots[-1] if plots else None,
                     beats_baselines=float(result.beats_baselines), baseline_val_f1=result.floor,
                     **{f"{k}_test_f1": v.f1 for k, v in base_test.items()})
     report.write(out_dir(cfg, "reports", "status") / "seg_teacher.json")

@@ -41,8 +41,9 @@ from fbta.io.h5 import write_features
 from fbta.mil import create_mil
 
 
-def _models(model: str, k: int, hidden: int, arch: str, device: torch.device, train_blocks: int) -> FBTAModels:
-    tfe = create_extractor(model, weights="random", device=device)
+def _models(model: str, k: int, hidden: int, arch: str, device: torch.device, train_blocks: int,
+            input_size: int | None = None) -> FBTAModels:
+    tfe = create_extractor(model, weights="random", device=device, input_size=input_size or None)
     prepare_tfe(tfe, trainable=True, train_blocks=train_blocks, freeze_bn=True)
     head = create_mil(arch, tfe.dim, 2)
     m = FBTAModels(head, Translator(tfe.dim, k, hidden), tfe)
@@ -54,7 +55,7 @@ def _models(model: str, k: int, hidden: int, arch: str, device: torch.device, tr
 def memory_child(args: argparse.Namespace) -> None:
     """One process, one N: build, load N frozen features, run two steps, print peak memory beyond the features."""
     device = torch.device(args.device)
-    m = _models(args.model, args.k, args.hidden, args.arch, device, args.train_blocks)
+    m = _models(args.model, args.k, args.hidden, args.arch, device, args.train_blocks, args.input_size)
     opt = torch.optim.Adam([p for p in list(m.mil.parameters()) + list(m.translator.parameters())
                             + list(m.tfe.parameters()) if p.requires_grad])
     feats = torch.randn(args.n, m.tfe.dim)
@@ -89,12 +90,35 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure_memory(args: argparse.Namespace, n: int) -> dict:
-    cmd = [sys.executable, __file__, "--child-memory", "--n", str(n), "--cm", str(args.cm), "--model", args.model,
+def measure_memory(args: argparse.Namespace, n: int, cm: int | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--child-memory", "--n", str(n), "--cm", str(cm or args.cm), "--model", args.model,
            "--k", str(args.k), "--hidden", str(args.hidden), "--arch", args.arch, "--device", args.device,
-           "--train-blocks", str(args.train_blocks)]
+           "--train-blocks", str(args.train_blocks), "--input-size", str(args.input_size)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT / "benchmarks")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_model(args: argparse.Namespace) -> dict:
+    """Fit the step's peak ≈ a + b·C·M + c·N over a grid, one fresh process per point (beyond the features).
+
+    b: bytes per pseudo-bag patch (pixels, extractor activations kept for backward); c: bytes per instance of
+    the frozen bag (the MIL head's activations over all N, kept for backward of L_cls(F_FB)).
+    """
+    points = []
+    for cm in args.fit_cm:
+        for n in args.fit_n:
+            r = measure_memory(args, n, cm)
+            points.append({"cm": cm, "n": n, "net_bytes": r["peak_bytes"] - r["feature_bytes"], "step_s": r["step_s"]})
+            print(f"  C·M {cm:>4}, N {n:>6}: {points[-1]['net_bytes'] / 2**20:8.1f} MiB beyond the features", flush=True)
+    x = np.array([[1.0, p["cm"], p["n"]] for p in points])
+    y = np.array([p["net_bytes"] for p in points], dtype=np.float64)
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    pred = x @ coef
+    r2 = 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-9))
+    a, b, c = (float(v) for v in coef)
+    return {"points": points, "a_bytes": a, "b_bytes_per_patch": b, "c_bytes_per_instance": c, "r2": r2,
+            "settings": {"model": args.model, "input_size": args.input_size, "train_blocks": args.train_blocks,
+                         "arch": args.arch, "k": args.k, "hidden": args.hidden, "device": args.device}}
 
 
 def inference_ratio(args: argparse.Namespace) -> dict:
@@ -160,11 +184,27 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--input-size", type=int, default=0, help="extractor input size (0: the model's own)")
+    p.add_argument("--fit", action="store_true", help="only the memory model: a + b·C·M + c·N over --fit-n × --fit-cm")
+    p.add_argument("--fit-n", type=int, nargs="+", default=[2000, 20000, 50000])
+    p.add_argument("--fit-cm", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--name", default="fbta", help="results: reports/bench/<name>.json")
     p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_memory:
         memory_child(args)
+        return
+    if args.fit:
+        print(f"memory model: one FBTA step, {args.model} at {args.input_size or 'its own size'} px, train_blocks "
+              f"{args.train_blocks}, {args.arch}, {args.device}")
+        fit = memory_model(args)
+        mib = 2 ** 20
+        record(args.name, {"memory_model": fit, "args": vars(args)},
+               f"step peak beyond the features ≈ {fit['a_bytes'] / mib:.0f} MiB + {fit['b_bytes_per_patch'] / mib:.2f} "
+               f"MiB·C·M + {fit['c_bytes_per_instance'] / 1024:.2f} KiB·N (R² {fit['r2']:.3f}; {args.model}, "
+               f"{args.input_size or 'own'} px, train_blocks {args.train_blocks}, {args.device}; N {args.fit_n}, "
+               f"C·M {args.fit_cm})")
         return
 
     print(f"memory: one FBTA step, C·M = {args.cm}, {args.model}, {args.arch}, N = {args.small_n} vs {args.big_n}")

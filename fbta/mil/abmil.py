@@ -54,7 +54,7 @@ class ABMIL(MILHead):
         self.classifier = nn.Linear(hidden, n_classes)
 
     def forward(self, bag: Tensor) -> MILOutput:
-        h = self.embed(self.as_bag(bag))  # 1×N×hidden
+        h = self.embed_bag(bag, self.embed)  # 1×N×hidden
         pooled, weights = self.attention(h)
         return MILOutput(self.classifier(pooled), weights)
 

@@ -135,7 +135,7 @@ class MambaMIL(MILHead):
         self.classifier = nn.Linear(dim, n_classes)
 
     def forward(self, bag: Tensor) -> MILOutput:
-        h = self.embed(self.as_bag(bag))
+        h = self.embed_bag(bag, self.embed)
         for norm, block in zip(self.norms, self.blocks):
             h = h + block(norm(h))
         pooled, weights = self.attention(self.norm(h))

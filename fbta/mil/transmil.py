@@ -147,7 +147,7 @@ class TransMIL(MILHead):
         self.classifier = nn.Linear(dim, n_classes)
 
     def forward(self, bag: Tensor) -> MILOutput:
-        h = self.embed(self.as_bag(bag))  # 1×N×dim
+        h = self.embed_bag(bag, self.embed)  # 1×N×dim
         n = h.shape[1]
         side = math.isqrt(n - 1) + 1  # ⌈√N⌉
         source = torch.arange(side * side, device=h.device) % n  # token → instance it holds

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "register": ("register", "log models to the MLflow registry; move @champion only to a better one"),
     "tune": ("tune", "Optuna study over C, M, K and learning rates (sqlite:///optuna.db, resumable)"),
     "predict": ("predict", "batch inference on new slides with the champion: tile → extract → predictions"),
+    "qupath": ("qupath", "per slide, GeoJSON for QuPath: tissue, patches with scores, predicted tumour"),
     "report": ("report", "rebuild reports/metrics.json from every stage's fragment; print the results table"),
 }
 

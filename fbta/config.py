@@ -318,6 +318,18 @@ class EvaluateCfg:
 
 
 @dataclass
+class QuPathCfg:
+    """GeoJSON for QuPath (``fbta qupath``): tissue, the patch grid with scores, predicted tumour."""
+
+    slides: List[str] = field(default_factory=list)  # empty: every labelled slide with coords
+    dest: str = "qupath"  # folder under data.out
+    patches: bool = True  # the patch grid as detections
+    scores: bool = True  # instance scores of models/<train.method>_<mil.arch> as measurements, if trained
+    tumour: bool = True  # models/seg_student's predicted tumour as "Tumor" annotations, if trained
+    tumour_px: int = 2048  # longest side of the student's stitched map (its polygons' resolution)
+
+
+@dataclass
 class HeatmapCfg:
     """Instance-score heatmaps over slide thumbnails (``fbta heatmap``)."""
 
@@ -371,6 +383,7 @@ class Config:
     predict: PredictCfg = field(default_factory=PredictCfg)
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
     heatmap: HeatmapCfg = field(default_factory=HeatmapCfg)
+    qupath: QuPathCfg = field(default_factory=QuPathCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
     flows: FlowsCfg = field(default_factory=FlowsCfg)
 

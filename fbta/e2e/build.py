@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fbta.config import ConfigError
 from fbta.device import fit_workers
+from fbta.io.masks import find_mask
 from fbta.features.augment import Augment
 from fbta.e2e.diagnostics import ProbePatches, choose_probe
 from fbta.e2e.pseudobags import SAMPLING, PseudoBags, SlideSource
@@ -63,9 +64,8 @@ def slide_sources(cfg: DictConfig, items: Sequence[BagItem], missing_ok: bool = 
                 continue
             raise CohortError(f"{entry.path}: slide file of '{it.slide_id}' not found; FBTA re-reads patches "
                               "of the training slides (set data.slides)")
-        mask = masks / f"{it.slide_id}.png" if masks is not None else None
         out.append(SlideSource(it, entry.path, folder / f"{it.slide_id}.h5", entry.mpp,
-                               mask if mask is not None and mask.is_file() else None))
+                               find_mask(masks, it.slide_id)))
     return out
 
 

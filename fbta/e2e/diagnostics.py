@@ -29,19 +29,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from fbta.io.masks import read_mask
 
 from fbta.e2e.translator import Translator
 from fbta.features.registry import Extractor
 
 # ----------------------------------------------------------------------------- tumour share
-
-
-def read_tumour_mask(path: Path) -> np.ndarray:
-    """Boolean H×W annotation mask: > 127 for 0–255 masks, > 0 for 0/1 masks."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("L"))
-    return arr > 127 if arr.max() > 1 else arr > 0
 
 
 def level0_dims(attrs: dict[str, Any]) -> Optional[tuple[float, float]]:
@@ -78,7 +71,7 @@ def slide_on_tumour(mask_path: Optional[Path], coords: np.ndarray, attrs: dict[s
         return None
     size0 = float(attrs.get("patch_size_level0", attrs.get("patch_size", 0)))
     try:
-        return patches_on_tumour(read_tumour_mask(Path(mask_path)), coords, size0, dims0)
+        return patches_on_tumour(read_mask(Path(mask_path), dims0), coords, size0, dims0)
     except (OSError, ValueError) as exc:  # a diagnostic: say so once, never stop training for it
         print(f"train: {mask_path}: not used for tumour_share ({exc})", flush=True)
         return None

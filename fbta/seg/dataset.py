@@ -33,50 +33,15 @@ from typing import Any, Optional
 import h5py
 import numpy as np
 from omegaconf import DictConfig
-from PIL import Image
 
 from fbta.io.atomic import atomic_path
 from fbta.io.h5 import coords_complete, read_coords
+from fbta.io.masks import MASK_SUFFIXES, MaskError, find_mask, read_mask  # noqa: F401 (re-exported)
 from fbta.seg.metrics import AMBIGUOUS, NEG, POS
 from fbta.slides.cohort import CohortError, SlideEntry, read_labels
 
-MASK_SUFFIXES = (".png", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 2  # 2: weak-label groups (positive / negative / ambiguous)
-
-
-class MaskError(ValueError):
-    """An annotation mask that cannot be used; the message names the file."""
-
-
-def find_mask(masks_dir: Optional[str | Path], slide_id: str) -> Optional[Path]:
-    """``<masks>/<slide_id>.png|.tif|.tiff`` if present (the ⚑ cohort-input mask convention)."""
-    if not masks_dir:
-        return None
-    for suffix in MASK_SUFFIXES:
-        p = Path(masks_dir, slide_id + suffix)
-        if p.is_file():
-            return p
-    return None
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """Boolean H×W tumour mask. 0/1 masks: non-zero is tumour; 0–255 masks: > 127 (antialiased edges)."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I;16", "I", "F") else im)
-    except Exception:  # noqa: BLE001 - PIL cannot read some TIFF flavours; tifffile can
-        try:
-            import tifffile
-
-            arr = np.asarray(tifffile.imread(path))
-        except Exception as exc:  # noqa: BLE001
-            raise MaskError(f"{path}: not a readable PNG/TIFF mask ({type(exc).__name__}: {exc})") from None
-    if arr.ndim == 3:
-        arr = arr[..., 0] if arr.shape[-1] in (1, 3, 4) else arr[0]
-    if arr.ndim != 2 or arr.size == 0:
-        raise MaskError(f"{path}: expected a 2-D mask image, got shape {arr.shape}")
-    return arr > 127 if arr.max() > 1 else arr > 0
 
 
 def patch_masks(mask: np.ndarray, coords: np.ndarray, size0: float, dims0: tuple[int, int], out: int) -> np.ndarray:
@@ -154,10 +119,10 @@ def index_cohort(cfg: DictConfig, split: dict[str, str]) -> tuple[list[SlidePatc
         coords, attrs = read_coords(coords_path)
         mask_path = find_mask(cfg.data.masks, sid)
         if mask_path is None and entry.label not in normal:
-            missing[sid] = (f"no annotation mask {sid}.png/.tif in data.masks={cfg.data.masks} and label "
+            missing[sid] = (f"no annotation mask {sid}.png/.tif/.geojson in data.masks={cfg.data.masks} and label "
                             f"'{entry.label}' is not in seg.normal_labels: patch labels unknown")
             continue
-        mask = read_mask(mask_path) if mask_path is not None else None
+        mask = read_mask(mask_path, _level0_dims(attrs)) if mask_path is not None else None
         size0 = float(attrs.get("patch_size_level0", attrs["patch_size"]))
         out_px = int(attrs["patch_size"])
         near = None

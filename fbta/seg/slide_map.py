@@ -133,12 +133,15 @@ def _wrap(text: str, width: int) -> list[str]:
     return [part for para in text.split("\n") for part in (textwrap.wrap(para, width) or [""])]
 
 
-def slide_map(slide_id: str, slide_path: Optional[Path], coords: np.ndarray, attrs: dict[str, Any],
-              predict: Callable[[np.ndarray], np.ndarray], *, csv_mpp: Optional[float] = None,
-              annotation: Optional[np.ndarray] = None, thumbnail: Optional[Path] = None, max_px: int = 1024,
-              max_patches: int = 4000, seed: int = 0, sigma: float = 3.0, threshold: float = 0.5,
-              batch: int = 64, label: str = "", model: str = "student") -> tuple[Image.Image, SlideMapInfo]:
-    """The stitched map of one slide; ``predict``: uint8 B×P×P×3 patches → float B×P×P probabilities."""
+def predict_slide(slide_id: str, slide_path: Optional[Path], coords: np.ndarray, attrs: dict[str, Any],
+                  predict: Callable[[np.ndarray], np.ndarray], *, csv_mpp: Optional[float] = None,
+                  thumbnail: Optional[Path] = None, max_px: int = 1024, max_patches: int = 4000, seed: int = 0,
+                  sigma: float = 3.0, threshold: float = 0.5, batch: int = 64):  # noqa: ANN201
+    """The model's patch predictions stitched over the slide at ≤ ``max_px``.
+
+    Returns (background image, level-0 px per map px, background source, mean probability map,
+    prediction map as scored, covered-by-patches map, indices of the patches drawn).
+    """
     from fbta.features.extract import SlidePatches
 
     if slide_path is None:
@@ -164,6 +167,19 @@ def slide_map(slide_id: str, slide_path: Optional[Path], coords: np.ndarray, att
         reader._slide.close()
     covered = count > 0
     prob = np.divide(total, count, out=np.zeros_like(total), where=covered)
+    return img, scale, source, prob, pred, covered, keep
+
+
+def slide_map(slide_id: str, slide_path: Optional[Path], coords: np.ndarray, attrs: dict[str, Any],
+              predict: Callable[[np.ndarray], np.ndarray], *, csv_mpp: Optional[float] = None,
+              annotation: Optional[np.ndarray] = None, thumbnail: Optional[Path] = None, max_px: int = 1024,
+              max_patches: int = 4000, seed: int = 0, sigma: float = 3.0, threshold: float = 0.5,
+              batch: int = 64, label: str = "", model: str = "student") -> tuple[Image.Image, SlideMapInfo]:
+    """The stitched map of one slide; ``predict``: uint8 B×P×P×3 patches → float B×P×P probabilities."""
+    img, _, source, prob, pred, covered, keep = predict_slide(
+        slide_id, slide_path, coords, attrs, predict, csv_mpp=csv_mpp, thumbnail=thumbnail, max_px=max_px,
+        max_patches=max_patches, seed=seed, sigma=sigma, threshold=threshold, batch=batch)
+    coords = np.asarray(coords, np.int64)
     dice = None  # meaningful only where there is tumour to find; on a clean slide the predicted share says it all
     if annotation is not None and annotation.any():
         truth = _resize_mask(annotation, (img.width, img.height)) & covered

@@ -24,6 +24,7 @@ from PIL import Image
 from fbta.config import ConfigError, InputError, save_config
 from fbta.io.atomic import atomic_path, atomic_write_text
 from fbta.io.h5 import _py, feature_files, read_features
+from fbta.io.masks import find_mask, read_mask
 from fbta.e2e.classifier import load_classifier
 from fbta.mil.data import check_bag
 from fbta.mil.heatmap import NORMALISE, draw_heatmap, localisation, normalise, patch_fraction_inside
@@ -82,11 +83,9 @@ def _json_safe(x: Any) -> Any:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
-def _mask(cfg: DictConfig, sid: str) -> np.ndarray | None:
-    if not cfg.data.masks:
-        return None
-    p = Path(cfg.data.masks, f"{sid}.png")
-    return np.asarray(Image.open(p).convert("L")) > 127 if p.exists() else None
+def _mask(cfg: DictConfig, sid: str, dims0: tuple[float, float]) -> np.ndarray | None:
+    p = find_mask(cfg.data.masks, sid)
+    return read_mask(p, dims0) if p is not None else None
 
 
 def run(cfg: DictConfig) -> int:
@@ -126,7 +125,7 @@ def run(cfg: DictConfig) -> int:
             size0, dims = geometry(coords, attrs)
             entry = entries.get(sid)
             img, scale, source = background(cfg, sid, entry.path if entry else None, entry.mpp if entry else None, dims)
-            mask = _mask(cfg, sid)
+            mask = _mask(cfg, sid, dims)
             pred = int(probs.argmax())
             caption = (f"{sid}  label {entry.label if entry and entry.label else '?'}  predicted {classes[pred]} "
                        f"({probs[pred]:.2f})  {meta['arch']}")

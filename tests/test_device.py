@@ -102,3 +102,19 @@ def test_kmeans_runs_on_the_device_it_is_given():
     assert labels.shape == (200,) and centroids.shape == (5, 8)
     with pytest.raises(Exception):  # a device torch cannot compute on is not silently replaced by the CPU
         cluster_bag(x, 5, 0, method="torch", device="meta")
+
+
+@pytest.mark.parametrize("arch", ["abmil", "transmil", "mambamil"])
+def test_mil_heads_create_every_tensor_on_their_input_s_device(arch):
+    """On the meta device any tensor made on the CPU inside forward (a missing ``device=``) raises."""
+    head = create_mil(arch, 32, 2).to("meta").eval()
+    out = head(torch.randn(37, 32, device="meta"))
+    assert out.logits.device.type == "meta" and out.scores.device.type == "meta"
+
+
+def test_the_translator_and_the_extractor_stay_on_their_device():
+    tfe = create_extractor("test_efficientnet", weights="random").to("meta")
+    x = torch.rand(3, 3, 64, 64, device="meta")
+    feats = tfe(tfe.preprocess(x))
+    tr = Translator(tfe.dim, k=3).to("meta")
+    assert feats.device.type == "meta" and tr(feats).device.type == "meta" and tr.heads(feats).device.type == "meta"

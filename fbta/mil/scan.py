@@ -105,6 +105,15 @@ def selective_scan_ref(
     return (y, h) if return_last_state else y
 
 
+def _no_autocast(device_type: str):  # noqa: ANN202
+    """Autocast off for the scan state; devices without autocast (meta: shape-only runs) need no context."""
+    import contextlib
+
+    if device_type in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _log_decay_floor(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).tiny) / 2  # ≈ −43.7 (float32), −354 (float64)
 
@@ -132,7 +141,7 @@ class _ChunkedScan(torch.autograd.Function):
     def forward(
         ctx: Any, dt: Tensor, ut: Tensor, A: Tensor, Bt: Tensor, Ct: Tensor, chunk: int,
     ) -> tuple[Tensor, Tensor]:
-        with torch.autocast(ut.device.type, enabled=False):  # the state must not drop to half precision
+        with _no_autocast(ut.device.type):  # the state must not drop to half precision
             return _ChunkedScan._forward(ctx, dt, ut, A, Bt, Ct, chunk)
 
     @staticmethod
@@ -160,7 +169,7 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, gy: Tensor, g_last: Tensor) -> tuple[Optional[Tensor], ...]:
-        with torch.autocast(gy.device.type, enabled=False):
+        with _no_autocast(gy.device.type):
             return _ChunkedScan._backward(ctx, gy, g_last)
 
     @staticmethod

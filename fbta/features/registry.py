@@ -267,3 +267,5 @@ def _test_entry(arch: str) -> Builder:
 
 for _arch in ("test_resnet", "test_vit", "test_efficientnet"):
     register_extractor(_arch)(_test_entry(_arch))
+
+from fbta.features import foundation  # noqa: E402,F401 - registers UNI, Virchow2, ... (needs the names above)

@@ -1,0 +1,121 @@
+"""Pathology foundation encoders (issue #19.2): published architectures, sizes and weight naming, offline.
+
+The big ViTs are built on the ``meta`` device (shapes only, no memory) so the
+suite can check a 1.1 B-parameter encoder in a second on a CPU.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fbta.cli import main
+from fbta.features.foundation import ENCODERS, build_encoder, from_hf_dinov2
+from fbta.features.registry import create_extractor, list_extractors
+from fbta.features.weights import WeightsError, load_into
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# published feature size and parameter count (model cards), and a tensor shape only the right build has
+PUBLISHED = {
+    "uni": (1024, 303e6, ("pos_embed", (1, 197, 1024))),
+    "uni2_h": (1536, 681e6, ("reg_token", (1, 8, 1536))),
+    "virchow2": (2560, 632e6, ("blocks.0.mlp.fc1.weight", (6832, 1280))),
+    "h_optimus_0": (1536, 1.13e9, ("reg_token", (1, 4, 1536))),
+    "gigapath": (1536, 1.13e9, ("patch_embed.proj.weight", (1536, 3, 16, 16))),
+    "phikon_v2": (1024, 303e6, ("pos_embed", (1, 197, 1024))),
+}
+
+
+def on_meta(name: str):  # noqa: ANN201
+    with torch.device("meta"):
+        return build_encoder(ENCODERS[name], "random", False)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_each_encoder_has_the_published_size_and_feature(name: str) -> None:
+    dim, params, (key, shape) = PUBLISHED[name]
+    ext = on_meta(name)
+    assert ext.dim == dim and name in list_extractors()
+    assert abs(sum(p.numel() for p in ext.parameters()) / params - 1) < 0.02
+    net = getattr(ext.trunk, "net", ext.trunk)
+    assert tuple(net.state_dict()[key].shape) == shape
+    with torch.device("meta"):
+        out = ext(torch.zeros(2, 3, ext.input_size, ext.input_size))
+    assert tuple(out.shape) == (2, dim)
+
+
+def test_h_optimus_0_uses_its_own_stain_statistics() -> None:
+    ext = on_meta("h_optimus_0")
+    assert ext.mean == (0.707223, 0.578729, 0.703617) and ext.std == (0.211883, 0.230117, 0.177517)
+    assert on_meta("uni").mean == (0.485, 0.456, 0.406)
+
+
+@pytest.mark.parametrize("name", ["uni", "virchow2", "gigapath"])
+def test_a_timm_named_checkpoint_loads_with_no_missing_or_unexpected_tensor(name: str) -> None:
+    ext = on_meta(name)
+    net = getattr(ext.trunk, "net", ext.trunk)
+    published = {k: torch.empty(v.shape, device="meta") for k, v in net.state_dict().items()}
+    published["head.weight"] = torch.empty(0, device="meta")  # some releases keep an empty head
+    load_into(net, published, name=name, source="test", ignore_prefixes=("head.",))  # as build_encoder does
+
+
+def hf_dinov2_state_dict(depth: int = 24, d: int = 1024, tokens: int = 197) -> dict[str, torch.Tensor]:
+    """Phikon-v2's published tensor names and shapes (transformers Dinov2Model, ViT-L/16)."""
+    e = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    sd = {"embeddings.cls_token": e(1, 1, d), "embeddings.mask_token": e(1, d),
+          "embeddings.position_embeddings": e(1, tokens, d),
+          "embeddings.patch_embeddings.projection.weight": e(d, 3, 16, 16),
+          "embeddings.patch_embeddings.projection.bias": e(d), "layernorm.weight": e(d), "layernorm.bias": e(d)}
+    for i in range(depth):
+        p = f"encoder.layer.{i}."
+        for n in ("norm1", "norm2"):
+            sd[p + n + ".weight"], sd[p + n + ".bias"] = e(d), e(d)
+        for n in ("query", "key", "value"):
+            sd[p + f"attention.attention.{n}.weight"], sd[p + f"attention.attention.{n}.bias"] = e(d, d), e(d)
+        sd[p + "attention.output.dense.weight"], sd[p + "attention.output.dense.bias"] = e(d, d), e(d)
+        sd[p + "layer_scale1.lambda1"], sd[p + "layer_scale2.lambda1"] = e(d), e(d)
+        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = e(4 * d, d), e(4 * d)
+        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = e(d, 4 * d), e(d)
+    return sd
+
+
+def test_phikon_v2s_transformers_checkpoint_converts_to_timm_and_loads_exactly() -> None:
+    converted = from_hf_dinov2(hf_dinov2_state_dict())
+    ext = on_meta("phikon_v2")
+    load_into(ext.trunk, converted, name="phikon_v2", source="test")  # raises on any missing/unexpected/shape
+    assert tuple(converted["blocks.0.attn.qkv.weight"].shape) == (3072, 1024)
+
+
+def test_q_k_v_are_fused_in_that_order() -> None:
+    d = 4
+    sd = {f"encoder.layer.0.attention.attention.{n}.weight": torch.full((d, d), float(i))
+          for i, n in enumerate(("query", "key", "value"))}
+    qkv = from_hf_dinov2(sd)["blocks.0.attn.qkv.weight"]
+    assert qkv[:d].eq(0).all() and qkv[d:2 * d].eq(1).all() and qkv[2 * d:].eq(2).all()
+
+
+def test_without_a_weight_file_the_error_names_the_file_and_where_it_is_published(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FBTA_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(WeightsError) as exc:
+        with torch.device("meta"):
+            create_extractor("virchow2")
+    msg = str(exc.value)
+    assert "paige-ai/Virchow2" in msg and str(tmp_path / "virchow2.pth") in msg and "extract.weights=" in msg
+    assert "\n" not in msg
+
+
+def test_fbta_trains_end_to_end_with_a_vit_extractor(tmp_path: Path) -> None:
+    """The paper's transformer extractor path (ViT-B/32 in the paper; timm's tiny ViT here)."""
+    ov = [f"data.slides={tmp_path}/slides", f"data.labels={tmp_path}/labels.csv", f"data.masks={tmp_path}/masks",
+          f"data.out={tmp_path}/out", "run.progress=false", "tracking.enabled=false", "extract.model=test_vit",
+          "extract.weights=random", "extract.num_workers=0", "cluster.n_clusters=4", "mil.kwargs.hidden=32",
+          "mil.kwargs.attn_dim=16", "train.device=cpu", "fbta.train_blocks=2", "fbta.k=3", "fbta.hidden=64",
+          "fbta.num_workers=0", "fbta.epochs=1", "train.patience=1", "train.min_epochs=0", "infer.num_workers=0"]
+    run = lambda *a: main([*a, *ov, "--params", str(ROOT / "params.yaml")])  # noqa: E731
+    assert run("synth", "synth.n_slides=8", "synth.width=1024", "synth.height=1024") == 0
+    for stage in ("tile", "extract", "cluster"):
+        assert run(stage) == 0
+    assert run("train", "train.method=fbta") == 0 and run("infer", "train.method=fbta") == 0
+    assert (tmp_path / "out/models/fbta_abmil/translator.pt").exists()

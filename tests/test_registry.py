@@ -176,6 +176,16 @@ def test_registered_pyfunc_loads_by_alias_and_matches_the_folder_model(trained, 
 
     with pytest.raises(MlflowException, match="16"):
         model.predict(np.zeros((5, 3), np.float32))
+    info = model.metadata
+    assert info.signature is not None and info.saved_input_example_info is not None  # schema + example served
+    import mlflow.artifacts
+
+    card = Path(mlflow.artifacts.download_artifacts(f"{source}/MODEL_CARD.md", tracking_uri=store.uri)).read_text()
+    for field in ("feature extractor", "extractor weights", "feature size D | 16", "classes | normal, tumour",
+                  "training cohort", "validation", "model files sha256", "code | fbta"):
+        assert field in card, field
+    mv = MlflowClient(store.uri).get_model_version_by_alias(NAME, "champion")
+    assert mv.description == card
 
 
 def test_segmenter_is_registered_and_judged_on_val_f1(store, tmp_path: Path) -> None:

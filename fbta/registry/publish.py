@@ -67,6 +67,38 @@ def version_tags(kind: str, folder: Path, meta: dict[str, Any], sha: str) -> dic
     return tags
 
 
+def model_card(kind: str, meta: dict[str, Any], tags: dict[str, str]) -> str:
+    """MODEL_CARD.md of a registered version: what it takes, what it was trained on, how well, from which code."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        code = version("fbta")
+    except PackageNotFoundError:
+        code = "unknown"
+    ext = extractor_of(meta)
+    split = meta.get("split") or {}
+    metrics = candidate_metrics(kind, meta)
+    lines = [f"# {meta.get('method', kind)} {meta.get('arch', '')} ({kind})", "", DESCRIPTIONS[kind], "",
+             "| | |", "|---|---|"]
+    rows = [("input", "N×D float32 frozen patch features of one slide (`features` of a CLAM/TRIDENT .h5)"
+             if kind == "classifier" else "B×H×W×3 uint8 RGB patches"),
+            ("feature extractor", ext.get("extractor", meta.get("extractor", "?"))),
+            ("extractor weights", ext.get("weights", "?")),
+            ("feature size D", meta.get("in_dim", "?")),
+            ("target MPP (µm/px)", meta.get("target_mpp", "as the features' coords file says")),
+            ("classes", ", ".join(map(str, meta.get("classes", []))) or "tumour probability"),
+            ("training cohort", f"{len(split.get('train', []))} train / {len(split.get('val', []))} val / "
+                                f"{len(split.get('test', []))} test slides" if split else meta.get("counts", "?")),
+            ("labels file", meta.get("labels", "?")),
+            ("validation", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in metrics.items()) or "?"),
+            ("model files sha256", tags.get(TAG + "sha256", "?")),
+            ("code", f"fbta {code}, torch {meta.get('torch', '?')}, Python {platform.python_version()}")]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines) + "\n"
+
+
 def register_folder(client: Any, run_id: str, kind: str, folder: Path, name: str,
                     device: str = "cpu") -> Registered:
     """Load the folder's model (so a broken one fails here), log it as pyfunc, register a version."""
@@ -80,10 +112,11 @@ def register_folder(client: Any, run_id: str, kind: str, folder: Path, name: str
         return Registered(str(existing.version), False, candidate_metrics(kind, meta), tags)
     with tempfile.TemporaryDirectory(prefix="fbta-pyfunc-") as tmp:
         local = save_pyfunc(kind, model, Path(tmp) / kind, metadata={"fbta_sha256": sha})
+        card = model_card(kind, meta, tags)
+        (local / "MODEL_CARD.md").write_text(card)
         client.log_artifacts(run_id, str(local), artifact_path=kind)
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{kind}"
-    mv = client.create_model_version(name, source, run_id=run_id, tags=tags,
-                                     description=f"{meta.get('method', kind)} {meta.get('arch', '')} from {folder}")
+    mv = client.create_model_version(name, source, run_id=run_id, tags=tags, description=card)
     return Registered(str(mv.version), True, candidate_metrics(kind, meta), tags)
 
 

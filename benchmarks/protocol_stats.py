@@ -246,7 +246,8 @@ def markdown(summary: Mapping[str, Mapping[str, Any]], paired: Sequence[Mapping[
 
 
 def headline(summary: Mapping[str, Mapping[str, Any]], paired: Sequence[Mapping[str, Any]], title: str) -> str:
-    arms = "; ".join(f"{a} AUC {r['auc'][0]:.2f}±{r['auc'][1]:.2f}" for a, r in summary.items()
+    arms = "; ".join(f"{a} AUC {r['auc'][0]:.2f}" + (f"±{r['auc'][1]:.2f}" if r["auc"][2] > 1 else " (n = 1)")
+                     for a, r in summary.items()
                      if r["auc"][2] and not a.startswith("[all-"))
     deltas = "; ".join(f"{p['a']} − {p['b']} ΔAUC {_delta(p['auc'])}" for p in paired if not p["b"].startswith("["))
     return f"{title}: {arms}" + (f" | {deltas}" if deltas else "")

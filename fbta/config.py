@@ -93,7 +93,7 @@ class ExtractCfg:
     model: str = "efficientnet_lite0"  # a name from fbta.features.list_extractors()
     weights: Optional[str] = None  # checkpoint path, "random", or None for the model's offline default
     batch_size: int = 128
-    num_workers: int = 4  # patch-reading processes (each opens the slide once)
+    num_workers: int = -1  # patch-reading processes (each opens the slide once); -1: the machine's usable cores
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bfloat16/float16 autocast on GPU
     input_size: int = 0  # px the network sees (patches resized to it); 0: the model's own (224). FBTA's TFE uses it too
@@ -196,7 +196,7 @@ class InferCfg:
 
     reextract: bool = True  # also re-encode every held-out patch with TFE* (classification.fbta_reextract)
     batch_size: int = 128  # re-extraction batch
-    num_workers: int = 4  # re-extraction patch-reading processes
+    num_workers: int = -1  # re-extraction patch-reading processes; -1: the machine's usable cores
 
 
 @dataclass

@@ -46,10 +46,12 @@ def cpu_cores() -> int:
 
 
 def fit_workers(n: int, setting: str) -> int:
-    """Loader worker processes capped at the usable cores, said once per setting instead of PyTorch's
-    per-loader warning ("This DataLoader will create 4 worker processes … suggested max 2")."""
-    n = max(0, int(n))
+    """Loader worker processes: ``-1`` = the usable cores; more than those is capped, said once per setting
+    instead of PyTorch's per-loader warning ("This DataLoader will create 4 worker processes … suggested max 2")."""
     cores = cpu_cores()
+    if int(n) < 0:  # -1: as many as the machine has (the schema default for patch readers)
+        return cores
+    n = int(n)
     if n > cores:
         if setting not in _said:
             _said.add(setting)

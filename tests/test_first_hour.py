@@ -113,3 +113,9 @@ def test_no_hint_when_the_validation_split_can_select() -> None:
 
     assert selection_note(40) == "" and "coin toss" in selection_note(6)
     assert np.isclose(float(selection_note(8).split("up to ")[1].split(",")[0]), 0.25)
+
+
+def test_minus_one_workers_means_the_machines_usable_cores() -> None:
+    import os
+
+    assert fit_workers(-1, "test.num_workers_c") == len(os.sched_getaffinity(0))

@@ -80,9 +80,27 @@ METHODS: dict[str, tuple[str, Callable[..., Any]]] = {
 }
 
 
+def real_features(folder: str, n: int) -> np.ndarray:
+    """The first ``n`` rows of a feature folder's bags (CLAM/TRIDENT .h5, sorted by slide): real frozen features."""
+    from fbta.io.h5 import feature_files, read_features
+
+    parts, have = [], 0
+    for path in feature_files(Path(folder)).values():
+        feats, _, _ = read_features(path)
+        parts.append(feats)
+        have += len(feats)
+        if have >= n:
+            break
+    x = np.concatenate(parts)
+    if len(x) < n:
+        raise SystemExit(f"{folder}: only {len(x)} feature rows, asked for N={n}")
+    return np.ascontiguousarray(x[:n], dtype=np.float32)
+
+
 def run_one(key: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     """One method on one bag, in this (fresh) process: data and warm-up are not timed."""
-    x = mixture(n, args.dim, args.components, args.seed, args.separation)
+    x = real_features(args.features, n) if args.features else mixture(n, args.dim, args.components, args.seed,
+                                                                       args.separation)
     METHODS[key][1](x[:2000], 10, 0)  # warm up BLAS / OpenMP threads of this method
     t0 = time.perf_counter()
     labels, cent, n_iter = METHODS[key][1](x, args.clusters, args.seed)
@@ -104,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     ap.add_argument("--slow-max-n", type=int, default=20000,
                     help="run sklearn n_init=10 and elkan only for N ≤ this (slow, see report)")
+    ap.add_argument("--features", default=None,
+                    help="a feature folder (h5_files/*.h5): time on real frozen features instead of the mixture")
     ap.add_argument("--out", default="reports/bench/kmeans.json")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -116,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     keys = [k.strip() for k in args.methods.split(",") if k.strip()]
     common = ["--dim", str(args.dim), "--clusters", str(args.clusters), "--components", str(args.components),
               "--separation", str(args.separation), "--seed", str(args.seed)]
+    if args.features:
+        common += ["--features", args.features]
+        args.dim = int(real_features(args.features, 1).shape[1])
     threads = [int(t) for t in args.threads.split(",")]
     rows: list[dict[str, Any]] = []
     for n in [int(s) for s in args.sizes.split(",")]:
@@ -156,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                     "cpu_count": os.cpu_count(),
                     "note": "shared machine: other processes ran during the benchmark (see load_avg_1m)"},
         "versions": {"torch": torch.__version__, "sklearn": sklearn.__version__, "numpy": np.__version__},
-        "data": f"Gaussian mixture, {args.components} components, separation {args.separation}, "
-                f"ReLU-clipped, seed {args.seed}",
+        "data": (f"real frozen features from {args.features} (first N rows, slides in order)" if args.features else
+                 f"Gaussian mixture, {args.components} components, separation {args.separation}, "
+                 f"ReLU-clipped, seed {args.seed}"),
         "default_method": DEFAULT_METHOD, "rows": rows,
     }
     out = Path(args.out)
@@ -175,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     best = {r["method"]: r for r in rows if r["n"] == max(x["n"] for x in rows) and r["threads"] == 1}
     parts = [f"{k} {v['wall_s']:.1f} s (inertia ×{v['inertia_rel_best']:.4f})" for k, v in sorted(best.items())]
     append_row("kmeans", time.strftime("%Y-%m-%d %H:%M"), machine(), command_line(),
-               f"C={args.clusters}, N={max(x['n'] for x in rows)}×{args.dim}, 1 thread: " + "; ".join(parts)
+               f"C={args.clusters}, N={max(x['n'] for x in rows)}×{args.dim} "
+               f"({'real features' if args.features else 'Gaussian mixture'}), 1 thread: " + "; ".join(parts)
                + f" → default `{DEFAULT_METHOD}`")
     return 0
 

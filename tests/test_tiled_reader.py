@@ -65,12 +65,31 @@ def test_outside_the_slide_reads_white(pyramid: Path):
 
 
 def test_overlapping_patches_come_from_the_tile_cache(pyramid: Path):
+    from fbta.slides import tiled
+
+    tiled.clear_cache()
     with open_slide(pyramid) as s:
         s.read_region(0, 0, 0, 256, 256)
-        cached = dict(s._tiles._cache)
+        cached = dict(tiled._cache)
         s.read_region(16, 16, 0, 200, 200)  # inside the same tile: no new decode
-        assert s._tiles._cache.keys() == cached.keys()
-        assert all(s._tiles._cache[k] is v for k, v in cached.items())
+        assert tiled._cache.keys() == cached.keys()
+        assert all(tiled._cache[k] is v for k, v in cached.items())
+
+
+def test_the_tile_cache_is_bounded_over_every_open_slide(pyramid: Path, tmp_path: Path, monkeypatch):
+    import shutil
+
+    from fbta.slides import tiled
+
+    copies = [shutil.copy(pyramid, tmp_path / f"s{i}.svs") for i in range(3)]
+    tiled.clear_cache()
+    monkeypatch.setattr(tiled, "CACHE_BYTES", 3 * 256 * 256 * 3)  # three tiles
+    slides = [open_slide(p) for p in copies]
+    for s in slides:
+        s.read_region(0, 0, 0, 512, 256)  # two tiles each
+    assert len(tiled._cache) == 3 and tiled._cache_bytes <= tiled.CACHE_BYTES
+    for s in slides:
+        s.close()
 
 
 def test_a_level_that_disagrees_with_openslide_is_switched_off(tmp_path: Path):

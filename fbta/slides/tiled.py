@@ -4,8 +4,9 @@ On a GPU host the CNN is no longer the bottleneck: ``openslide.read_region``
 spends most of its time outside the JPEG decoder (cairo compositing, ARGB →
 RGBA, a per-call cache lock). This reader looks up the tiles a patch touches
 in the TIFF's own tile index, decodes them with tifffile/imagecodecs
-(libjpeg-turbo), crops and pastes them, and keeps a small LRU cache of decoded
-tiles for overlapping patches.
+(libjpeg-turbo), crops and pastes them, and keeps decoded tiles for overlapping
+patches in one LRU cache per process (``CACHE_BYTES`` over all open slides:
+FBTA's samplers keep every training slide open).
 
 Safety: OpenSlide still opens the slide and supplies every piece of metadata
 (levels, downsamples, MPP). A level is served fast only when a TIFF page has
@@ -28,6 +29,38 @@ import numpy as np
 # TIFF compression codes served fast: none, LZW, JPEG, deflate, Aperio JPEG 2000 (YCbCr, RGB)
 FAST_COMPRESSIONS = {1, 5, 7, 8, 32946, 33003, 33005}
 SELF_CHECK_MAX_DIFF = 4  # |fast − OpenSlide| allowed on the check tile (JPEG decoder rounding)
+CACHE_BYTES = 64 << 20  # decoded tiles kept per process, over every open slide (FBTA keeps hundreds open)
+
+_cache: "OrderedDict[tuple[str, int, int], np.ndarray]" = OrderedDict()
+_cache_bytes = 0
+_cache_lock = threading.Lock()
+
+
+def _cache_get(key: tuple[str, int, int]) -> Optional[np.ndarray]:
+    with _cache_lock:
+        tile = _cache.get(key)
+        if tile is not None:
+            _cache.move_to_end(key)
+        return tile
+
+
+def _cache_put(key: tuple[str, int, int], tile: np.ndarray) -> None:
+    global _cache_bytes
+    with _cache_lock:
+        if key in _cache or tile.nbytes > CACHE_BYTES:
+            return
+        _cache[key] = tile
+        _cache_bytes += tile.nbytes
+        while _cache_bytes > CACHE_BYTES:
+            _, old = _cache.popitem(last=False)
+            _cache_bytes -= old.nbytes
+
+
+def clear_cache() -> None:
+    global _cache_bytes
+    with _cache_lock:
+        _cache.clear()
+        _cache_bytes = 0
 
 ReadFallback = Callable[[int, int, int, int, int], np.ndarray]  # (x0, y0, level, w, h) -> RGB, OpenSlide's
 
@@ -35,14 +68,14 @@ ReadFallback = Callable[[int, int, int, int, int], np.ndarray]  # (x0, y0, level
 class TiledTiff:
     """Decoded-tile reads for the levels of one slide whose TIFF pages allow it."""
 
-    def __init__(self, path: Path, level_sizes: list[tuple[int, int]], cache_tiles: int = 64) -> None:
+    def __init__(self, path: Path, level_sizes: list[tuple[int, int]]) -> None:
         import tifffile
 
         self.path = path
         self._tif = tifffile.TiffFile(str(path))
         self._lock = threading.Lock()  # one file handle: seek + read must not interleave
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._cache_tiles = max(0, int(cache_tiles))
+        st = Path(path).stat()
+        self._key = f"{Path(path).resolve()}:{st.st_mtime_ns}:{st.st_size}"  # a rewritten file is another slide
         self._checked: dict[int, bool] = {}  # level -> passed the self-check
         self.pages: list[Optional[object]] = [self._page_for(w, h) for w, h in level_sizes]
 
@@ -62,10 +95,9 @@ class TiledTiff:
         return 0 <= level < len(self.pages) and self.pages[level] is not None and self._checked.get(level, True)
 
     def _tile(self, level: int, index: int) -> np.ndarray:
-        key = (level, index)
-        tile = self._cache.get(key)
+        key = (self._key, level, index)
+        tile = _cache_get(key)
         if tile is not None:
-            self._cache.move_to_end(key)
             return tile
         page = self.pages[level]
         with self._lock:
@@ -74,10 +106,7 @@ class TiledTiff:
             data = fh.read(page.databytecounts[index])
         segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
         tile = np.asarray(segment).reshape(page.tilelength, page.tilewidth, -1)[..., :3]
-        if self._cache_tiles:
-            self._cache[key] = tile
-            if len(self._cache) > self._cache_tiles:
-                self._cache.popitem(last=False)
+        _cache_put(key, tile)
         return tile
 
     def read(self, level: int, lx: int, ly: int, width: int, height: int) -> np.ndarray:
@@ -115,12 +144,9 @@ class TiledTiff:
         except Exception:
             ok = False
         self._checked[level] = ok
-        if not ok:
-            self._cache.clear()
         return ok
 
     def close(self) -> None:
-        self._cache.clear()
         self._tif.close()
 
 

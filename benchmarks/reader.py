@@ -43,6 +43,9 @@ def read_all(path: str, coords: np.ndarray, size: int, reader: str) -> float:
             np.asarray(osr.read_region((int(x), int(y)), 0, (size, size)))[..., :3].copy()
         osr.close()
     else:
+        from fbta.slides import tiled
+
+        tiled.clear_cache()  # no tile decoded by an earlier round may be served from memory
         with open_slide(path, reader=reader) as s:
             for x, y in coords:
                 s.read_region(int(x), int(y), 0, size, size)

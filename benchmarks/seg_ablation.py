@@ -50,20 +50,29 @@ def groups(sc: SegScores) -> dict[str, float]:
             "test_background_f1_neg": sc.background_f1_neg, "test_ambiguous_f1": sc.ambiguous_f1}
 
 
-def long_teacher(cfg, sets: dict[str, PatchSet], seed: int, device) -> dict:  # noqa: ANN001
-    """The compute control: one teacher for teacher.epochs + distill.epochs epochs, best by validation F1."""
+def train_teacher(cfg, sets: dict[str, PatchSet], seed: int, device, epochs: int | None = None):  # noqa: ANN001,ANN201
+    """One seeded teacher (``epochs``: seg.teacher.epochs by default) → (net at its best epoch, fit, test, seconds)."""
     s = cfg.seg
     opts = fit_options(cfg, "teacher")
-    opts.seed, opts.epochs = seed, int(s.teacher.epochs) + int(s.distill.epochs)
+    opts.seed = seed
+    if epochs is not None:
+        opts.epochs = int(epochs)
     seed_everything(seed, s.deterministic)
     net, _ = create_segnet(s.backbone, s.weights, s.out_indices, s.fusion, s.fusion_weights)
     t0 = time.perf_counter()
     res = fit_teacher(net, sets["train"], sets["val"], opts, device)
     net.load_state_dict(res.best_state)
     test, _ = evaluate(net, sets["test"], opts, device)
-    return {"seed": seed, "model": "teacher", "variant": "long", "epochs": opts.epochs, "val_f1": res.best.f1,
+    return net, res, test, time.perf_counter() - t0
+
+
+def long_teacher(cfg, sets: dict[str, PatchSet], seed: int, device) -> dict:  # noqa: ANN001
+    """The compute control: one teacher for teacher.epochs + distill.epochs epochs, best by validation F1."""
+    epochs = int(cfg.seg.teacher.epochs) + int(cfg.seg.distill.epochs)
+    _, res, test, seconds = train_teacher(cfg, sets, seed, device, epochs)
+    return {"seed": seed, "model": "teacher", "variant": "long", "epochs": epochs, "val_f1": res.best.f1,
             **groups(test), "best_epoch": res.best_epoch, "beats_baselines": res.beats_baselines,
-            "wall_s": round(time.perf_counter() - t0, 1)}
+            "wall_s": round(seconds, 1)}
 
 
 def main() -> None:
@@ -104,20 +113,13 @@ def main() -> None:
             atomic_write_text(dest, json.dumps(rows, indent=2))
         if (seed, "teacher", "-") in done and all((seed, "student", v) in done for v in wanted):
             continue
-        t_opts = fit_options(cfg, "teacher")
-        t_opts.seed = seed
-        seed_everything(seed, s.deterministic)
-        teacher, _ = create_segnet(s.backbone, s.weights, s.out_indices, s.fusion, s.fusion_weights)
-        t0 = time.perf_counter()
-        tr = fit_teacher(teacher, sets["train"], sets["val"], t_opts, device)
-        teacher.load_state_dict(tr.best_state)
-        t_test, _ = evaluate(teacher, sets["test"], t_opts, device)
+        teacher, tr, t_test, t_seconds = train_teacher(cfg, sets, seed, device)
         t_epoch = sum(e.extra["train_seconds"] for e in tr.history) / len(tr.history)
         if (seed, "teacher", "-") not in done:  # same seed → the same teacher (deterministic)
             rows.append({"seed": seed, "model": "teacher", "variant": "-", "val_f1": tr.best.f1, **groups(t_test),
                          "best_epoch": tr.best_epoch,
                          "beats_baselines": tr.beats_baselines, "baseline_val_f1": tr.floor,
-                         "s_per_epoch": round(t_epoch, 2), "wall_s": round(time.perf_counter() - t0, 1)})
+                         "s_per_epoch": round(t_epoch, 2), "wall_s": round(t_seconds, 1)})
             print(json.dumps(rows[-1]), flush=True)
         state = {k: v.clone() for k, v in teacher.state_dict().items()}
         for name, change in VARIANTS.items():

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from fbta.slides.mpp import MppError, resolve_mpp
+from fbta.slides.tiled import TiledTiff, level_origin
 
 OPENSLIDE_EXTENSIONS = {".svs", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide", ".tif", ".tiff", ".dcm"}
 IMAGE_EXTENSIONS = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
@@ -132,8 +133,6 @@ class OpenSlideSlide(Slide):
         self.mpp, self.mpp_source = resolve_mpp(path, props, None, csv_mpp, default_mpp)
         self._tiles = None
         if reader == "auto" and self.vendor in FAST_VENDORS:
-            from fbta.slides.tiled import TiledTiff
-
             try:
                 self._tiles = TiledTiff(path, [(lv.width, lv.height) for lv in self.levels])
             except Exception:  # tifffile cannot parse what OpenSlide can: OpenSlide reads everything
@@ -147,8 +146,6 @@ class OpenSlideSlide(Slide):
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         tiles = self._tiles
         if tiles is not None and tiles.usable(level):
-            from fbta.slides.tiled import level_origin
-
             ds = self.levels[level].downsample
             origin = level_origin(x, y, ds)  # None off the level's pixel grid: OpenSlide interpolates there
             if origin is not None and tiles.self_check(level, ds, self._openslide_read):

@@ -48,7 +48,7 @@ def _segmenter(cfg: DictConfig) -> Optional[Any]:
 
 
 def slide_objects(cfg: DictConfig, entry: Any, coords: np.ndarray, attrs: dict[str, Any], classifier: Any,
-                  segmenter: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                  segmenter: Any, features: dict[str, Path]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The QuPath objects of one slide and a summary of what went in."""
     feats: list[dict[str, Any]] = []
     with open_slide(entry.path, entry.mpp, cfg.tile.default_mpp) as slide:
@@ -58,18 +58,16 @@ def slide_objects(cfg: DictConfig, entry: Any, coords: np.ndarray, attrs: dict[s
     size0 = float(attrs.get("patch_size_level0", attrs["patch_size"]))
     info: dict[str, Any] = {"tissue_polygons": len(tissue.geoms), "patches": int(len(coords))}
     scores, names = None, None
-    if classifier is not None:
-        files = feature_files(features_dir(cfg))
-        if entry.slide_id in files:
-            fx, fcoords, _ = read_features(files[entry.slide_id])
-            if len(fcoords) == len(coords) and np.array_equal(fcoords, coords):
-                out = classifier.forward(fx)
-                s = out.scores.float().detach().cpu().numpy().reshape(-1)
-                rank = np.argsort(np.argsort(s)) / max(len(s) - 1, 1)
-                scores = {"score": s, "score_rank": rank}
-                pred = classifier.classes[int(out.probs.float().detach().cpu().numpy().reshape(-1).argmax())]
-                names = [pred] * len(coords)
-                info["predicted"] = pred
+    if classifier is not None and entry.slide_id in features:
+        fx, fcoords, _ = read_features(features[entry.slide_id])
+        if len(fcoords) == len(coords) and np.array_equal(fcoords, coords):
+            out = classifier.forward(fx)
+            s = out.scores.float().detach().cpu().numpy().reshape(-1)
+            rank = np.argsort(np.argsort(s)) / max(len(s) - 1, 1)
+            scores = {"score": s, "score_rank": rank}
+            pred = classifier.classes[int(out.probs.float().detach().cpu().numpy().reshape(-1).argmax())]
+            names = [pred] * len(coords)
+            info["predicted"] = pred
     if cfg.qupath.patches:
         feats += patch_features(coords, size0, scores, names)
     if segmenter is not None:
@@ -93,6 +91,7 @@ def run(cfg: DictConfig) -> int:
     ids = [sid for sid in sorted(entries) if (wanted is None or sid in wanted) and (subset is None or sid in subset)]
     dest = out_dir(cfg, cfg.qupath.dest)
     classifier, segmenter = _classifier(cfg), _segmenter(cfg)
+    features = feature_files(features_dir(cfg)) if classifier is not None else {}
     print(f"qupath: {len(ids)} slide(s) → {dest}; patch scores from "
           f"{'the trained ' + cfg.train.method + ' ' + cfg.mil.arch if classifier is not None else 'no model'}; "
           f"tumour from {'models/seg_student' if segmenter is not None else 'no segmenter'}", flush=True)
@@ -104,7 +103,7 @@ def run(cfg: DictConfig) -> int:
             continue
         try:
             coords, attrs = read_coords(coords_path)
-            objects, info = slide_objects(cfg, entries[sid], coords, attrs, classifier, segmenter)
+            objects, info = slide_objects(cfg, entries[sid], coords, attrs, classifier, segmenter, features)
             path = write_geojson(dest / f"{sid}.geojson", objects)
         except Exception as exc:  # noqa: BLE001 - one slide's problem, one line; the batch goes on
             report.failed(sid, f"{entries[sid].path}: {type(exc).__name__}: {exc}", time.perf_counter() - t0)

@@ -10,6 +10,8 @@ seg-teacher → seg-distill — then the side-by-side benchmarks, and writes
 - ``fbta_memory``: one FBTA step's peak (``torch.cuda.max_memory_allocated`` on
   GPU, a fresh process per N) at N = 2,000 and 50,000, same C·M (target ≤ 1.25×), in GiB;
 - ``fbta_s_per_epoch`` and the per-stage wall times;
+- ``extract_workers``: reader patches/s per loader worker (how many workers feed the GPU) and one
+  persistent cohort loader vs a fresh loader per slide;
 - ``infer``: translator vs re-extraction on the same slides (paper ≥ 200×) and their agreement;
 - ``bf16``: bf16-autocast vs fp32 predictions of the trained FBTA model;
 - ``mamba_scan``: the fused selective-scan kernel vs the PyTorch scan, when ``mamba_ssm`` imports.
@@ -44,10 +46,10 @@ NEEDS = ["numpy", "scipy", "skimage", "sklearn", "h5py", "tifffile", "imagecodec
 SIZES: dict[str, dict[str, Any]] = {  # cohort and benchmark sizes; "paper" fits the 8-minute budget on one H200
     "paper": {"slides": 16, "side": 4096, "input_size": 224, "train_blocks": -1, "epochs": 6, "c": 100,
               "seg_epochs": 4, "extract_patches": 4096, "batch": 256, "workers": 8, "cm": 200, "small_n": 2000,
-              "big_n": 50000, "infer_patches": 2000, "mamba_len": 20000},
+              "big_n": 50000, "infer_patches": 2000, "mamba_len": 20000, "worker_sweep": [0, 4, 8, 16]},
     "dry": {"slides": 8, "side": 1024, "input_size": 64, "train_blocks": 1, "epochs": 1, "c": 4,
             "seg_epochs": 1, "extract_patches": 32, "batch": 8, "workers": 0, "cm": 4, "small_n": 200,
-            "big_n": 400, "infer_patches": 16, "mamba_len": 256},
+            "big_n": 400, "infer_patches": 16, "mamba_len": 256, "worker_sweep": [0, 1]},
 }
 
 
@@ -99,7 +101,7 @@ def pipeline(work: Path, device: str, sz: dict[str, Any], report: dict) -> None:
     size = [f"synth.n_slides={sz['slides']}", f"synth.width={sz['side']}", f"synth.height={sz['side']}",
             f"extract.input_size={sz['input_size']}", f"extract.batch_size={sz['batch']}",
             f"extract.num_workers={sz['workers']}", f"cluster.n_clusters={sz['c']}",
-            f"train.epochs={sz['epochs']}", f"train.min_epochs=0", f"fbta.epochs={sz['epochs']}",
+            f"train.epochs={sz['epochs']}", "train.min_epochs=0", f"fbta.epochs={sz['epochs']}",
             f"fbta.train_blocks={sz['train_blocks']}", f"fbta.num_workers={sz['workers']}",
             f"infer.num_workers={sz['workers']}", f"seg.teacher.epochs={sz['seg_epochs']}",
             f"seg.distill.epochs={sz['seg_epochs']}", "seg.distill.reversal_start=1", "seg.overlays=0",
@@ -216,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             "extract.py", [*b, "--side", str(sz["side"]), "--max-patches", str(sz["extract_patches"]),
                            "--batch-size", str(sz["batch"]), "--workers", str(sz["workers"]), "--rounds", "2",
                            "--kmeans-n", str(sz["big_n"])], "extract", args.out))
+        report["extract_workers"] = step(report, "extract_workers", lambda: run_benchmark(
+            "extract_workers.py", [*b, "--model", "efficientnet_lite0" if size == "paper" else "test_resnet",
+                                   "--slides", str(sz["slides"]), "--side", str(min(sz["side"], 2048)),
+                                   "--batch-size", str(sz["batch"]), "--rounds", "2",
+                                   "--workers", *[str(w) for w in sz["worker_sweep"]]], "extract_workers", args.out))
         report["fbta_memory"] = step(report, "fbta_memory", lambda: run_benchmark(
             "fbta.py", [*b, "--cm", str(sz["cm"]), "--small-n", str(sz["small_n"]), "--big-n", str(sz["big_n"]),
                         "--patches", str(sz["infer_patches"]), "--train-blocks", str(sz["train_blocks"]),

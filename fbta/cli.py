@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("tune", "Optuna study over C, M, K and learning rates (sqlite:///optuna.db, resumable)"),
     "predict": ("predict", "batch inference on new slides with the champion: tile → extract → predictions"),
     "qupath": ("qupath", "per slide, GeoJSON for QuPath: tissue, patches with scores, predicted tumour"),
+    "export": ("export", "features + coords in TRIDENT's folder tree, for TRIDENT-reading tools (links, no copies)"),
     "report": ("report", "rebuild reports/metrics.json from every stage's fragment; print the results table"),
 }
 

@@ -269,6 +269,8 @@ class SegDistillCfg:
     reversal_start: int = 30  # first epoch a swap is checked (authors: 60 of 500)
     reversal_every: int = 30  # then every n epochs
     init: str = "backbone"  # student init: backbone (ImageNet/random backbone, fresh side outputs) | teacher (copy)
+    ambiguous: int = 0  # train patches with 0 < tumour share < min_tumour_fraction the student also learns from,
+    #                     as positives whose target is the teacher's map (never the teacher: broadcast labels)
     seed: int = 0
 
 
@@ -330,6 +332,15 @@ class QuPathCfg:
 
 
 @dataclass
+class ExportCfg:
+    """Features and coords in another tool's folder tree (``fbta export``)."""
+
+    layout: str = "trident"  # trident: <mag>x_<ps>px_<ov>px_overlap/{features_<extractor>,patches}
+    dest: str = "trident"  # folder under data.out
+    link: str = "hardlink"  # hardlink (copy across file systems) | symlink | copy
+
+
+@dataclass
 class HeatmapCfg:
     """Instance-score heatmaps over slide thumbnails (``fbta heatmap``)."""
 
@@ -384,6 +395,7 @@ class Config:
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
     heatmap: HeatmapCfg = field(default_factory=HeatmapCfg)
     qupath: QuPathCfg = field(default_factory=QuPathCfg)
+    export: ExportCfg = field(default_factory=ExportCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
     flows: FlowsCfg = field(default_factory=FlowsCfg)
 

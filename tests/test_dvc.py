@@ -177,3 +177,28 @@ def test_fbta_section_is_settable_with_dvc_exp_run():
     with pytest.raises(Exception, match="fbta.typo"):
         load_config(ROOT / "params.yaml", ["fbta.typo=1"])
     assert np.isfinite(cfg.fbta.translator_lr)
+
+
+def test_every_stage_lists_every_fbta_module_its_command_runs():
+    """A change to any module a stage imports (at the top or inside a function) must make `dvc status` say so."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import dvc_deps
+
+    lacking = dvc_deps.missing()
+    assert set(lacking) >= {"tile", "extract", "train_fbta", "seg_distill", "register"}
+    assert not any(lacking.values()), {k: v for k, v in lacking.items() if v}
+    # imports inside functions count: fbta/seg/dataset.py reads patches through one
+    assert "fbta.features.extract" in dvc_deps.imported(ROOT / "fbta/seg/dataset.py", "fbta.seg.dataset")
+    assert Path("fbta/features/extract.py") in dvc_deps.stage_code("seg-teacher")
+    assert not dvc_deps.covered(Path("fbta/io/h5.py"), ["fbta/io.py", "fbta/i"])  # a folder, not a name prefix
+
+
+def test_each_metrics_file_has_one_writing_stage():
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    owners: dict[str, list[str]] = {}
+    for name, st in spec.items():
+        for entry in st.get("metrics", []) + st.get("outs", []):
+            path = next(iter(entry)) if isinstance(entry, dict) else entry
+            if "metrics" in str(path):
+                owners.setdefault(str(path), []).append(name)
+    assert owners and all(len(v) == 1 for v in owners.values()), owners

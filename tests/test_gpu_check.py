@@ -22,7 +22,9 @@ def test_the_gpu_check_dry_runs_every_part_on_cpu_without_the_mlops_stack(tmp_pa
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["ok"], (report["steps"], proc.stdout[-3000:], proc.stderr[-3000:])
-    assert set(report["steps"]) == {"environment", "pipeline", "bf16", "extract", "fbta_memory", "mamba_scan"}
+    assert set(report["steps"]) == {"environment", "pipeline", "bf16", "extract", "extract_workers", "fbta_memory",
+                                    "mamba_scan"}
+    assert report["extract_workers"]["max_abs_feature_difference"] == 0.0  # persistent loader = per-slide loaders
     assert [s["rc"] for s in report["stages"]] == [0] * 9
     assert report["fbta_s_per_epoch"] > 0 and report["infer"]["speedup"] > 1
     assert report["bf16"]["same_class"] >= 0.75 and report["bf16"]["max_abs_prob_diff"] < 0.1

@@ -27,7 +27,7 @@ from fbta.config import InputError
 from fbta.features.extract import SlidePatches
 from fbta.features.kmeans import random_pseudo_bag, stratified_pseudo_bag
 from fbta.e2e.diagnostics import slide_on_tumour
-from fbta.io.h5 import _py, read_coords, read_features
+from fbta.io.h5 import _py, feature_file_attrs, read_coords, read_features, require_coords
 from fbta.mil.data import BagItem
 
 SAMPLING = ("kmeans", "random")
@@ -120,6 +120,7 @@ class PseudoBags(Dataset):
         src = self.sources[i]
         t0 = time.perf_counter()
         feats, coords, attrs = read_features(src.item.path)
+        require_coords(src.item.path, attrs, "FBTA (it reads the pseudo-bags' patches from the slide)")
         if not np.isfinite(feats).all():
             raise ValueError(f"{src.item.path}: features contain NaN or inf")
         clusters = read_cluster_labels(src.clusters_path, len(feats), self.n_clusters)
@@ -143,8 +144,7 @@ class PseudoBags(Dataset):
 
 def patch_attrs(features_path: Path, file_attrs: dict) -> dict:
     """How to read patches back: the coords dataset's attributes (CLAM/TRIDENT keys, fbta's level_patch_size)."""
-    with h5py.File(features_path, "r") as f:
-        attrs = {k: _py(v) for k, v in f["coords"].attrs.items()} if "coords" in f else {}
+    attrs = feature_file_attrs(features_path)[1]
     for key in ("patch_level", "patch_size"):
         if key not in attrs and key in file_attrs:
             attrs[key] = file_attrs[key]

@@ -99,7 +99,16 @@ def write_features(dest: Path, features: np.ndarray, coords: np.ndarray, attrs: 
 
 
 def read_features(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(features N×D float32, coords N×2, attrs) from an fbta, CLAM or TRIDENT feature file."""
+    """(features N×D float32, coords N×2, attrs) from an fbta, CLAM or TRIDENT ``.h5`` or a CLAM ``.pt`` file.
+
+    A CLAM ``pt_files/<id>.pt`` holds only the N×D tensor; its coords come from
+    the sibling ``h5_files/<id>.h5`` when CLAM wrote one, else they are missing
+    (attrs ``fbta_coords = "missing"``): MIL training needs none, stages that
+    read patches or draw maps refuse with :func:`require_coords`.
+    """
+    path = Path(path)
+    if path.suffix == ".pt":
+        return _read_clam_pt(path)
     with h5py.File(path, "r") as f:
         if "features" not in f:
             raise KeyError(f"{path}: no 'features' dataset (not a CLAM/TRIDENT feature file)")
@@ -108,9 +117,59 @@ def read_features(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
             feats = feats[:, 0]
         coords = f["coords"][:].astype(np.int64) if "coords" in f else np.zeros((len(feats), 2), np.int64)
         attrs = {k: _py(v) for k, v in f.attrs.items()}
+        if "coords" not in f:
+            attrs["fbta_coords"] = "missing"
     if feats.ndim != 2 or len(coords) != len(feats):
         raise ValueError(f"{path}: features {feats.shape} and coords {coords.shape} do not match")
     return feats, coords, attrs
+
+
+def _read_clam_pt(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a pickle error, a truncated file: one line naming it
+        raise ValueError(f"{path}: not a readable CLAM .pt feature file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{path}: a CLAM .pt feature file holds one N×D tensor, found {type(obj).__name__}")
+    feats = obj.detach().float().numpy()
+    if feats.ndim == 3 and feats.shape[1] == 1:
+        feats = feats[:, 0]
+    if feats.ndim != 2:
+        raise ValueError(f"{path}: features of shape {tuple(feats.shape)}, expected N×D")
+    sibling = path.parent.parent / "h5_files" / f"{path.stem}.h5"
+    attrs: dict[str, Any] = {"fbta_source": "clam_pt"}
+    coords = np.zeros((len(feats), 2), np.int64)
+    if sibling.is_file():
+        with h5py.File(sibling, "r") as f:
+            if "coords" in f and len(f["coords"]) == len(feats):
+                coords = f["coords"][:].astype(np.int64)
+            else:
+                attrs["fbta_coords"] = "missing"
+    else:
+        attrs["fbta_coords"] = "missing"
+    return np.ascontiguousarray(feats), coords, attrs
+
+
+def feature_file_attrs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(file attributes, coords attributes) of a feature file without reading the features; a CLAM ``.pt``
+    has none of its own (its ``h5_files/`` twin's, if any)."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        path = path.parent.parent / "h5_files" / f"{path.stem}.h5"
+        if not path.is_file():
+            return {}, {}
+    with h5py.File(path, "r") as f:
+        coords = {k: _py(v) for k, v in f["coords"].attrs.items()} if "coords" in f else {}
+        return {k: _py(v) for k, v in f.attrs.items()}, coords
+
+
+def require_coords(path: Path, attrs: Mapping[str, Any], why: str) -> None:
+    """Refuse, naming the file, a feature file without patch coordinates where ``why`` needs them."""
+    if attrs.get("fbta_coords") == "missing":
+        raise ValueError(f"{path}: no patch coordinates (a CLAM .pt file without its h5_files/ twin); {why} needs "
+                         "them — point data.features at a folder with .h5 files")
 
 
 def features_complete(path: Path, expect: Optional[Mapping[str, Any]] = None) -> bool:
@@ -128,11 +187,21 @@ def features_complete(path: Path, expect: Optional[Mapping[str, Any]] = None) ->
 
 
 def feature_files(folder: Path) -> dict[str, Path]:
-    """slide_id → feature file in an fbta/CLAM folder (``h5_files/``) or a TRIDENT folder (flat)."""
+    """slide_id → feature file in an fbta/CLAM folder (``h5_files/``, else CLAM's ``pt_files/``) or a flat
+    TRIDENT ``features_<encoder>/`` folder."""
     folder = Path(folder)
-    sub = folder / "h5_files"
-    root = sub if sub.is_dir() else folder
-    return {p.stem: p for p in sorted(root.glob("*.h5")) if not p.name.startswith(".")}
+    for sub, pattern in ((folder / "h5_files", "*.h5"), (folder, "*.h5"), (folder / "pt_files", "*.pt")):
+        if sub.is_dir():
+            found = {p.stem: p for p in sorted(sub.glob(pattern)) if not p.name.startswith(".")}
+            if found:
+                return found
+    return {}
+
+
+def trident_hint(folder: Path) -> str:
+    """When ``folder`` is a TRIDENT tiling root rather than a features folder: which folder to use instead."""
+    subs = sorted(p.name for p in Path(folder).glob("features_*") if p.is_dir())
+    return f" (a TRIDENT tree: set data.features to {folder}/{subs[0]})" if subs else ""
 
 
 # -- clusters (fbta cluster) ----------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import fcntl
 import json
 import os
@@ -120,6 +121,38 @@ def claimed(items: Iterable[T], dest_of: Callable[[T], Path], is_done: Callable[
                 on_skip(item, f"up to date (written by {b.holder} while this run waited)")
                 continue
             yield item
+
+
+def claimed_ahead(items: Iterable[T], dest_of: Callable[[T], Path], is_done: Callable[[T], bool],
+                  on_skip: Callable[[T, str], None], log: Callable[[str], None] = print,
+                  busy: Optional[list[T]] = None) -> Iterator[tuple[T, Callable[[], None]]]:
+    """Like :func:`claimed`, but each lock is held until the caller calls the ``release`` it is given.
+
+    Why: a pipelined consumer (extraction with persistent loader workers) claims
+    the next slide while the last one's batches are still in flight; its lock must
+    stay held until that slide's file is written, not until the next claim.
+    With ``busy`` (a list), items another run holds are put there instead of
+    waited for: the caller waits for them (``busy=None``) only once it holds no
+    lock, so two runs can never wait for each other.
+    """
+    for item in items:
+        try:
+            cm = claim(dest_of(item), wait=busy is None)
+            stale = cm.__enter__()
+        except Busy as b:
+            if busy is not None:
+                busy.append(item)
+                log(f"{dest_of(item).name}: {b.holder} is writing it; this run will wait for it at the end")
+            continue
+        if stale:
+            log(f"cleared a stale lock on {dest_of(item).name} (left by {stale}, no longer running)")
+        release = functools.partial(cm.__exit__, None, None, None)
+        if is_done(item):
+            release()
+            on_skip(item, "up to date (finished by another run)" if busy is not None else
+                    "up to date (written by another run while this run waited)")
+            continue
+        yield item, release
 
 
 # -- storage errors -------------------------------------------------------------------------------------------

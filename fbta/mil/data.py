@@ -92,6 +92,11 @@ def bag_shape(path: Path, check_finite: bool = False) -> tuple[int, int]:
     Why check up front: one NaN feature turns every loss and gradient it touches
     into NaN, so a bag with one must be left out before training starts.
     """
+    if Path(path).suffix == ".pt":  # CLAM's pt_files: one tensor, read whole
+        feats = read_features(path)[0]
+        if check_finite and not np.isfinite(feats).all():
+            raise FeaturesError(f"{path}: features contain NaN or inf; re-extract this slide")
+        return int(feats.shape[0]), int(feats.shape[1])
     with h5py.File(path, "r") as f:
         if "features" not in f:
             raise KeyError("no 'features' dataset")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from fbta.io.h5 import feature_files
+from fbta.io.h5 import feature_file_attrs, feature_files
 from fbta.registry.pyfunc import load_folder, save_pyfunc
 from fbta.registry.promote import TAG, candidate_metrics, ensure_registered_model, files_sha256, find_version
 
@@ -39,11 +39,9 @@ def extractor_of(meta: dict[str, Any]) -> dict[str, str]:
     if not folder:
         return {}
     try:
-        import h5py
-
         first = next(iter(feature_files(Path(folder)).values()))
-        with h5py.File(first, "r") as f:
-            return {k: str(f.attrs[k]) for k in ("extractor", "weights") if k in f.attrs}
+        attrs = feature_file_attrs(first)[0]
+        return {k: str(attrs[k]) for k in ("extractor", "weights") if k in attrs}
     except (StopIteration, OSError, KeyError):
         return {}
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import time
 
-import h5py
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from fbta.config import save_config
 from fbta.device import resolve_device
 from fbta.features.kmeans import cluster_bag
-from fbta.io.h5 import _py, clusters_complete, feature_files, read_features, write_clusters
+from fbta.io.h5 import clusters_complete, feature_file_attrs, feature_files, read_features, write_clusters
 from fbta.io.lock import claimed, raise_if_storage
 from fbta.stages.common import clusters_dir, features_dir, only_slides, out_dir, progress, stop_on_storage_error
 from fbta.status import StageReport
@@ -35,8 +34,7 @@ def run(cfg: DictConfig) -> int:
     todo = []
     for slide_id, fpath in files.items():
         try:
-            with h5py.File(fpath, "r") as f:
-                source = str(_py(f.attrs.get("fbta_params", "")))
+            source = str(feature_file_attrs(fpath)[0].get("fbta_params", ""))
         except Exception as exc:
             report.failed(slide_id, f"{fpath}: {type(exc).__name__}: {exc}")
             continue

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -23,7 +22,7 @@ from PIL import Image
 
 from fbta.config import ConfigError, InputError, save_config
 from fbta.io.atomic import atomic_path, atomic_write_text
-from fbta.io.h5 import _py, feature_files, read_features
+from fbta.io.h5 import feature_file_attrs, feature_files, read_features, require_coords
 from fbta.io.masks import find_mask, read_mask
 from fbta.e2e.classifier import load_classifier
 from fbta.mil.data import check_bag
@@ -73,8 +72,7 @@ def background(cfg: DictConfig, sid: str, slide_path: Path | None, mpp: float | 
 
 
 def _coords_attrs(path: Path) -> dict[str, Any]:
-    with h5py.File(path, "r") as f:
-        return {k: _py(v) for k, v in f["coords"].attrs.items()} if "coords" in f else {}
+    return feature_file_attrs(path)[1]
 
 
 def _json_safe(x: Any) -> Any:
@@ -115,7 +113,8 @@ def run(cfg: DictConfig) -> int:
     for sid in progress(wanted, cfg, "heatmap"):
         t0 = time.perf_counter()
         try:
-            feats, coords, _ = read_features(files[sid])
+            feats, coords, fattrs = read_features(files[sid])
+            require_coords(files[sid], fattrs, "a heatmap")
             check_bag(files[sid], feats, head.in_dim)
             attrs = _coords_attrs(files[sid])
             with torch.no_grad():

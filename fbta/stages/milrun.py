@@ -9,6 +9,7 @@ from fbta.config import ConfigError
 from fbta.mil.checkpoint import model_dir
 from fbta.mil.data import Cohort, build_cohort
 from fbta.mil.splits import Split, SplitParams, classes_of, resolve_split
+from fbta.io.h5 import feature_files, trident_hint
 from fbta.slides.cohort import CohortError, read_labels
 from fbta.stages.common import features_dir, tile_failure
 
@@ -47,7 +48,10 @@ def load_cohort(cfg: DictConfig) -> tuple[Split, Cohort]:
         raise CohortError(f"{labels}: labels file not found (set data.labels)")
     entries = read_labels(labels, cfg.data.slides)
     split = resolve_split(entries, labels, cfg.data.out, split_params(cfg))
-    cohort = build_cohort(entries, split, classes_of(entries), features_dir(cfg))
+    folder = features_dir(cfg)
+    if cfg.data.features and not feature_files(folder) and trident_hint(folder):
+        raise CohortError(f"{folder}: no feature files{trident_hint(folder)}")
+    cohort = build_cohort(entries, split, classes_of(entries), folder)
     for sid in list(cohort.missing):
         why = tile_failure(cfg, sid)
         if why:

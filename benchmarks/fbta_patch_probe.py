@@ -29,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 
 from common import record
 
-from fbta.e2e.build import load_ema_extractor
+from fbta.e2e.states import load_ema_extractor
 from fbta.e2e.classifier import load_classifier
 from fbta.e2e.pseudobags import patch_attrs
 from fbta.features.extract import SlidePatches, extract_patches

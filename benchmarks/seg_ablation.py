@@ -31,7 +31,7 @@ from fbta.seg.dataset import PatchSet, cache_path  # noqa: E402
 from fbta.seg.metrics import SegScores  # noqa: E402
 from fbta.seg.distill import DistillOptions, fit_distill  # noqa: E402
 from fbta.seg.network import create_segnet  # noqa: E402
-from fbta.seg.pipeline import baselines_of, fit_options, resolve_device  # noqa: E402
+from fbta.stages.seg_common import baselines_of, fit_options, resolve_device  # noqa: E402
 from fbta.seg.train import evaluate, fit_teacher  # noqa: E402
 
 VARIANTS = {  # DistillOptions changes; "init" (backbone | teacher) is where the student starts

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from fbta.config import ConfigError, load_config
 
@@ -29,14 +30,30 @@ def summarise(out: Path, with_metrics: bool = True) -> str:
                          f"max {max(patches)}, total {sum(patches)}")
     metrics = out / "reports" / "metrics.json"
     if with_metrics and metrics.exists():
-        from fbta.stages.report import results_table
-
         results = json.loads(metrics.read_text())
         lines.append(results_table(results))
         note = small_test_note(results)
         if note:
             lines.append(note)
     return "\n".join(lines) if lines else f"no reports under {out}/reports yet"
+
+
+def results_table(metrics: dict[str, Any]) -> str:
+    """Classification and segmentation variants as rows, metrics as columns (what a reader compares)."""
+    lines: list[str] = []
+    for section, cols in (("classification", ("auc", "acc", "f1")), ("segmentation", ("f1", "iou"))):
+        rows = metrics.get(section) or {}
+        if not rows:
+            continue
+        width = max(len(section), *(len(k) for k in rows))
+        lines.append(f"{section:<{width}}  " + "  ".join(f"{c:>6}" for c in cols) + "  detail")
+        for variant in sorted(rows):
+            entry = rows[variant] if isinstance(rows[variant], dict) else {}
+            vals = "  ".join(f"{entry[c]:>6.3f}" if isinstance(entry.get(c), (int, float)) else f"{'-':>6}" for c in cols)
+            extra = ", ".join(f"{k}={entry[k]}" for k in sorted(entry) if k not in cols and not isinstance(entry[k], dict))
+            lines.append(f"{variant:<{width}}  {vals}  {extra}")
+        lines.append("")
+    return "\n".join(lines).rstrip() or "no classification or segmentation metrics yet"
 
 
 SMALL_TEST = 40  # below this, one misranked slide moves a balanced split's AUC by > 0.05 (2/n)

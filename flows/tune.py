@@ -3,7 +3,7 @@
 Run it directly (``python flows/tune.py [key=value ...]``, an ephemeral Prefect
 server) or through the deployment ``fbta-tune/local`` (``make serve``, then
 ``prefect deployment run 'fbta-tune/local' --param overrides='["tune.n_trials=4"]'``).
-The study is the library's (fbta/tune/study.py; resumable: a re-run continues
+The study is the library's (fbta/stages/tune_study.py; resumable: a re-run continues
 it); registering the best trial's model goes through ``fbta register``, whose
 promotion rule moves ``@champion`` only if that model beats the current one.
 """
@@ -31,7 +31,7 @@ def run_study(params: str, overrides: list[str]) -> dict[str, Any]:
     """``fbta tune``: trials until the study has ``tune.n_trials`` finished; the best trial's summary."""
     from fbta.stages import tune
     from fbta.stages.common import out_dir
-    from fbta.tune.study import study_name
+    from fbta.stages.tune_study import study_name
 
     cfg = _cfg(params, overrides)
     if tune.run(cfg) != 0:

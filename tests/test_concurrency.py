@@ -34,7 +34,7 @@ STUDY = "fbta-toy-vanilla-abmil"
 WORKER = """
 import pathlib, sys, time
 from fbta.cli import main
-import fbta.stages.register, fbta.stages.tune, fbta.tune.study, mlflow, optuna, torch
+import fbta.stages.register, fbta.stages.tune, fbta.stages.tune_study, mlflow, optuna, torch
 ready, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 ready.touch()
 while not go.exists():
@@ -227,7 +227,7 @@ def test_a_promotion_lock_held_by_a_killed_process_does_not_block_the_next_promo
 
 def test_two_processes_opening_one_fresh_study_at_once_both_get_their_own_trial(tmp_path: Path) -> None:
     """The cheap core of the tune race (no training): fresh Optuna and MLflow SQLite stores, two openers."""
-    code = ("import pathlib, sys, time\nfrom fbta.config import load_config\nfrom fbta.tune.study import open_study\n"
+    code = ("import pathlib, sys, time\nfrom fbta.config import load_config\nfrom fbta.stages.tune_study import open_study\n"
             "from fbta.tracking import stage_run\n"
             "cfg = load_config(sys.argv[3], sys.argv[4:])\npathlib.Path(sys.argv[1]).touch()\n"
             "while not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.005)\n"

@@ -108,11 +108,12 @@ def test_segmentation_weak_labels_are_the_same_from_a_png_or_its_qupath_export(t
          f"data.masks={tmp_path}/masks"]
     assert main(["synth", *d, *SMALL, *PARAMS]) == 0 and main(["tile", *d, *SMALL, *PARAMS]) == 0
     from fbta.seg.dataset import index_cohort
+    from fbta.stages.seg_common import cohort_paths, weak_label_options
 
     labels = [ln.split(",") for ln in (tmp_path / "labels.csv").read_text().splitlines()[1:]]
     split = {sid: part for sid, _, part in labels}
     cfg = load_config(ROOT / "params.yaml", d + SMALL)
-    png, _ = index_cohort(cfg, split)
+    png, _ = index_cohort(cohort_paths(cfg), split, weak_label_options(cfg))
     geo = tmp_path / "geo"
     geo.mkdir()
     for png_mask in (tmp_path / "masks").glob("*.png"):
@@ -121,7 +122,7 @@ def test_segmentation_weak_labels_are_the_same_from_a_png_or_its_qupath_export(t
         objs = [feature(p, "annotation", "Tumor") for p in mask_to_geometry(m, scale).geoms]
         qupath_export(objs, geo / f"{png_mask.stem}.geojson")
     cfg_geo = load_config(ROOT / "params.yaml", d + SMALL + [f"data.masks={geo}"])
-    gj, _ = index_cohort(cfg_geo, split)
+    gj, _ = index_cohort(cohort_paths(cfg_geo), split, weak_label_options(cfg_geo))
     assert [i.entry.slide_id for i in png] == [i.entry.slide_id for i in gj]
     for a, b in zip(png, gj):
         assert np.abs(a.fraction - b.fraction).max() < 0.02 and (a.group == b.group).mean() > 0.97

@@ -277,13 +277,10 @@ def _index(groups_by_split: dict[str, list[int]]):
 
 
 def test_selection_caps_ambiguous_patches_for_evaluation_and_keeps_train_ones_only_for_distillation():
-    from omegaconf import OmegaConf
+    from fbta.seg.dataset import WeakLabelOptions, select
 
-    from fbta.seg.dataset import select
-
-    def cfg(train_ambiguous: int):  # noqa: ANN202
-        return OmegaConf.create({"seg": {"neg_per_pos": 1.0, "max_train": 0, "max_val": 0, "max_test": 0,
-                                         "data_seed": 0, "max_ambiguous": 3, "distill": {"ambiguous": train_ambiguous}}})
+    def cfg(train_ambiguous: int) -> WeakLabelOptions:
+        return WeakLabelOptions(neg_per_pos=1.0, max_ambiguous=3, train_ambiguous=train_ambiguous)
 
     groups = [1] * 4 + [0] * 10 + [2] * 6
     index = _index({"train": groups, "val": groups})
@@ -417,7 +414,7 @@ def test_teacher_and_student_selection_refuse_epochs_below_the_baselines():
 
 def test_scores_table_and_the_one_line_no_beat_message():
     from fbta.seg.metrics import baseline_scores
-    from fbta.seg.pipeline import no_beat_line, scores_table
+    from fbta.stages.seg_common import no_beat_line, scores_table
     from fbta.seg.train import FitResult
 
     truth = np.zeros((2, 16, 16), bool)

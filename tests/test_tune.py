@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from fbta.cli import main
 from fbta.config import load_config
-from fbta.tune.study import open_study
+from fbta.stages.tune_study import open_study
 from milcohort import SMALL_HEADS, make_cohort
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -107,9 +107,8 @@ def choose_probe(sources: Sequence[Any], n_slides: int, n_patches: int, seed: in
     ``sources`` are :class:`~fbta.e2e.pseudobags.SlideSource` of validation slides whose
     files exist; patches are read with the pseudo-bag reader's own reader. None if nothing to draw.
     """
-    from fbta.e2e.pseudobags import patch_attrs
     from fbta.features.extract import SlidePatches
-    from fbta.io.h5 import read_features
+    from fbta.io.h5 import patch_attrs, read_features
 
     if n_slides <= 0 or n_patches <= 0 or not sources:
         return None

@@ -27,7 +27,7 @@ from fbta.config import InputError
 from fbta.features.extract import SlidePatches
 from fbta.features.kmeans import random_pseudo_bag, stratified_pseudo_bag
 from fbta.e2e.diagnostics import slide_on_tumour
-from fbta.io.h5 import _py, feature_file_attrs, read_coords, read_features, require_coords
+from fbta.io.h5 import _py, patch_attrs, read_coords, read_features, require_coords  # noqa: F401 (patch_attrs re-exported)
 from fbta.mil.data import BagItem
 
 SAMPLING = ("kmeans", "random")
@@ -140,18 +140,6 @@ class PseudoBags(Dataset):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_readers": {}}  # never ship open slide handles to a worker
-
-
-def patch_attrs(features_path: Path, file_attrs: dict) -> dict:
-    """How to read patches back: the coords dataset's attributes (CLAM/TRIDENT keys, fbta's level_patch_size)."""
-    attrs = feature_file_attrs(features_path)[1]
-    for key in ("patch_level", "patch_size"):
-        if key not in attrs and key in file_attrs:
-            attrs[key] = file_attrs[key]
-    if "patch_level" not in attrs or "patch_size" not in attrs:
-        raise ValueError(f"{features_path}: coords carry no patch_level/patch_size; cannot read patches back "
-                         "(point data.out at the run that tiled these slides)")
-    return attrs
 
 
 class EpochPlan(Sampler):

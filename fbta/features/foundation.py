@@ -21,7 +21,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from fbta.features.registry import Extractor, register_extractor
+from fbta.features.base import Extractor, register_extractor
 from fbta.features.weights import WeightSource, load_into, parse_random, resolve_weights
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -165,6 +165,18 @@ def feature_file_attrs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         return {k: _py(v) for k, v in f.attrs.items()}, coords
 
 
+def patch_attrs(features_path: Path, file_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """How to read patches back: the coords dataset's attributes (CLAM/TRIDENT keys, fbta's level_patch_size)."""
+    attrs = feature_file_attrs(features_path)[1]
+    for key in ("patch_level", "patch_size"):
+        if key not in attrs and key in file_attrs:
+            attrs[key] = file_attrs[key]
+    if "patch_level" not in attrs or "patch_size" not in attrs:
+        raise ValueError(f"{features_path}: coords carry no patch_level/patch_size; cannot read patches back "
+                         "(point data.out at the run that tiled these slides)")
+    return attrs
+
+
 def require_coords(path: Path, attrs: Mapping[str, Any], why: str) -> None:
     """Refuse, naming the file, a feature file without patch coordinates where ``why`` needs them."""
     if attrs.get("fbta_coords") == "missing":

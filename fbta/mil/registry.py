@@ -130,20 +130,13 @@ def register_mil(name: str) -> Callable[[MILBuilder], MILBuilder]:
     return deco
 
 
-def _load_builtin() -> None:
-    """Import the built-in heads so their decorators have run (also when only this module was imported)."""
-    from fbta.mil import abmil, mambamil, transmil  # noqa: F401
-
-
 def list_mil() -> list[str]:
     """Names accepted by :func:`create_mil`, sorted."""
-    _load_builtin()
     return sorted(_BUILDERS)
 
 
 def create_mil(name: str, in_dim: int, n_classes: int, **kwargs: object) -> MILHead:
     """Build the MIL head registered as ``name``; kwargs go to its constructor (e.g. ``dropout=0.1``)."""
-    _load_builtin()
     if name not in _BUILDERS:
         raise ValueError(f"unknown MIL head {name!r}; available: {', '.join(sorted(_BUILDERS))}")
     return _BUILDERS[name](in_dim, n_classes, **kwargs)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +24,24 @@ from torch import nn
 
 from fbta.io.atomic import atomic_path
 from fbta.mil.metrics import Scores
+
+
+@dataclass
+class Epoch:
+    """One row of the training history."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val: Scores
+    seconds: float
+    best: bool = False
+    extra: dict[str, float] = field(default_factory=dict)  # method-specific (FBTA: loss terms, step-time split)
+
+    def as_row(self) -> dict[str, float]:
+        return {"epoch": self.epoch, "train_loss": self.train_loss, "train_acc": self.train_acc,
+                **self.val.as_dict("val_"), "seconds": self.seconds, "best": int(self.best), **self.extra}
+
 
 RESUME = "resume.pt"
 VERSION = 1
@@ -113,8 +131,6 @@ class Resumable:
         self.path.unlink(missing_ok=True)
 
 
-def history_from_json(rows: list[dict[str, Any]]) -> list[Any]:
-    from fbta.mil.train import Epoch
-
+def history_from_json(rows: list[dict[str, Any]]) -> list[Epoch]:
     return [Epoch(r["epoch"], r["train_loss"], r["train_acc"], Scores(**r["val"]), r["seconds"], r["best"],
                   r["extra"]) for r in rows]

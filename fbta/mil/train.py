@@ -23,7 +23,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -35,7 +35,7 @@ from fbta.device import resolve_device  # noqa: F401 (re-exported: one resolver)
 from fbta.mil.data import BagDataset
 from fbta.mil.metrics import Scores, score
 from fbta.mil.registry import MILHead
-from fbta.mil.resume import Resumable
+from fbta.mil.resume import Epoch, Resumable  # noqa: F401 (Epoch re-exported: the history row)
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -181,23 +181,6 @@ class FitOptions:
     seed: int = 0
     num_workers: int = 0
     progress: bool = True
-
-
-@dataclass
-class Epoch:
-    """One row of the training history."""
-
-    epoch: int
-    train_loss: float
-    train_acc: float
-    val: Scores
-    seconds: float
-    best: bool = False
-    extra: dict[str, float] = field(default_factory=dict)  # method-specific (FBTA: loss terms, step-time split)
-
-    def as_row(self) -> dict[str, float]:
-        return {"epoch": self.epoch, "train_loss": self.train_loss, "train_acc": self.train_acc,
-                **self.val.as_dict("val_"), "seconds": self.seconds, "best": int(self.best), **self.extra}
 
 
 @dataclass

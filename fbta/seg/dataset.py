@@ -36,7 +36,6 @@ from typing import Any, Optional
 
 import h5py
 import numpy as np
-from omegaconf import DictConfig
 
 from fbta.io.atomic import atomic_path
 from fbta.io.h5 import coords_complete, read_coords
@@ -61,6 +60,35 @@ def patch_masks(mask: np.ndarray, coords: np.ndarray, size0: float, dims0: tuple
         rows = np.clip(((y + offs) / sy).astype(np.int64), 0, mask.shape[0] - 1)
         res[i] = mask[np.ix_(rows, cols)]
     return res
+
+
+@dataclass(frozen=True)
+class WeakLabelOptions:
+    """How patches get weak labels and which are cached (``seg.*``, turned into this at the stage door)."""
+
+    min_tumour_fraction: float = 0.5  # positive: tumour share ≥ this
+    negative_margin: float = 0.0  # negatives also tumour-free this many patch sides around
+    normal_labels: tuple[str, ...] = ("normal",)  # slide labels that need no mask (all negative)
+    neg_per_pos: float = 1.0
+    max_train: int = 0  # caps on positives + negatives per split (0: none)
+    max_val: int = 0
+    max_test: int = 0
+    max_ambiguous: int = 32  # ambiguous patches scored per val/test split
+    train_ambiguous: int = 0  # ambiguous train patches cached for distillation only
+    data_seed: int = 0
+
+    def cap(self, part: str) -> int:
+        return {"train": self.max_train, "val": self.max_val, "test": self.max_test}[part]
+
+
+@dataclass(frozen=True)
+class CohortPaths:
+    """Where the cohort's labels, slides, coords (``out``/coords) and masks are."""
+
+    labels: Path
+    slides: Path
+    out: Path
+    masks: Optional[Path]
 
 
 @dataclass
@@ -106,24 +134,25 @@ def label_stats(index: list["SlidePatchIndex"]) -> dict[str, dict[str, float]]:
     return out
 
 
-def index_cohort(cfg: DictConfig, split: dict[str, str]) -> tuple[list[SlidePatchIndex], dict[str, str]]:
+def index_cohort(paths: CohortPaths, split: dict[str, str], weak: WeakLabelOptions
+                 ) -> tuple[list[SlidePatchIndex], dict[str, str]]:
     """Every labelled slide with coords and a usable mask; the reason for every slide left out."""
-    entries = read_labels(cfg.data.labels, cfg.data.slides)
-    normal = set(cfg.seg.normal_labels)
+    entries = read_labels(paths.labels, paths.slides)
+    normal = set(weak.normal_labels)
     out: list[SlidePatchIndex] = []
     missing: dict[str, str] = {}
     for sid, entry in sorted(entries.items()):
         part = split.get(sid)
         if part is None:
             continue
-        coords_path = Path(cfg.data.out, "coords", f"{sid}.h5")
+        coords_path = Path(paths.out, "coords", f"{sid}.h5")
         if not coords_complete(coords_path):
             missing[sid] = f"{coords_path}: no complete coords file (run `fbta tile`)"
             continue
         coords, attrs = read_coords(coords_path)
-        mask_path = find_mask(cfg.data.masks, sid)
+        mask_path = find_mask(paths.masks, sid)
         if mask_path is None and entry.label not in normal:
-            missing[sid] = (f"no annotation mask {sid}.png/.tif/.geojson in data.masks={cfg.data.masks} and label "
+            missing[sid] = (f"no annotation mask {sid}.png/.tif/.geojson in data.masks={paths.masks} and label "
                             f"'{entry.label}' is not in seg.normal_labels: patch labels unknown")
             continue
         mask = read_mask(mask_path, _level0_dims(attrs)) if mask_path is not None else None
@@ -137,14 +166,14 @@ def index_cohort(cfg: DictConfig, split: dict[str, str]) -> tuple[list[SlidePatc
             try:
                 fraction = np.concatenate([patch_masks(mask, coords[i:i + 256], size0, dims0, out_px).mean(axis=(1, 2))
                                            for i in range(0, len(coords), 256)] or [np.zeros(0)])
-                margin = float(cfg.seg.negative_margin) * size0
+                margin = float(weak.negative_margin) * size0
                 if margin > 0:  # tumour share of the window grown by the margin on every side
                     near = np.concatenate([patch_masks(mask, coords[i:i + 256] - margin, size0 + 2 * margin, dims0,
                                                        64).mean(axis=(1, 2))
                                            for i in range(0, len(coords), 256)] or [np.zeros(0)])
             except MaskError as exc:
                 raise MaskError(f"{mask_path}: {exc}") from None
-        group = weak_groups(fraction, float(cfg.seg.min_tumour_fraction), near)
+        group = weak_groups(fraction, float(weak.min_tumour_fraction), near)
         out.append(SlidePatchIndex(entry, part, coords, attrs, fraction, mask, group))
     return out, missing
 
@@ -156,7 +185,8 @@ def _level0_dims(attrs: dict[str, Any]) -> tuple[int, int]:
     return int(round(w * ds[0])), int(round(h * ds[1]))
 
 
-def select(index: list[SlidePatchIndex], part: str, cfg: DictConfig, seed_offset: int) -> list[tuple[int, int]]:
+def select(index: list[SlidePatchIndex], part: str, weak: WeakLabelOptions, seed_offset: int
+           ) -> list[tuple[int, int]]:
     """(slide number, patch number) of the patches kept for ``part``: balanced, capped, seeded.
 
     Negatives are drawn uniformly from every tumour-free patch of the split —
@@ -164,7 +194,7 @@ def select(index: list[SlidePatchIndex], part: str, cfg: DictConfig, seed_offset
     patches: validation and test keep up to ``seg.max_ambiguous`` of them (scored
     as their own group), training up to ``seg.distill.ambiguous`` (distillation only).
     """
-    s = cfg.seg
+    s = weak
     pos, neg, amb = [], [], []
     for si, sl in enumerate(index):
         if sl.split != part:
@@ -175,23 +205,24 @@ def select(index: list[SlidePatchIndex], part: str, cfg: DictConfig, seed_offset
     n_pos, n_neg = len(pos), len(neg)
     if s.neg_per_pos > 0 and n_pos:
         n_neg = min(n_neg, int(round(s.neg_per_pos * n_pos)))
-    cap = {"train": s.max_train, "val": s.max_val, "test": s.max_test}[part]
+    cap = s.cap(part)
     if cap and n_pos + n_neg > cap:
         k_pos = int(round(cap * n_pos / (n_pos + n_neg)))
         n_pos, n_neg = k_pos, cap - k_pos
     keep = [pos[i] for i in rng.choice(len(pos), n_pos, replace=False)] if n_pos else []
     keep += [neg[i] for i in rng.choice(len(neg), n_neg, replace=False)] if n_neg else []
-    n_amb = min(len(amb), int(s.distill.ambiguous if part == "train" else s.max_ambiguous))
+    n_amb = min(len(amb), int(s.train_ambiguous if part == "train" else s.max_ambiguous))
     keep += [amb[i] for i in rng.choice(len(amb), n_amb, replace=False)] if n_amb else []
     return sorted(keep)
 
 
-def fingerprint(index: list[SlidePatchIndex], cfg: DictConfig) -> str:
+def fingerprint(index: list[SlidePatchIndex], weak: WeakLabelOptions) -> str:
     """Changes when the split, coords, masks or selection parameters change."""
-    s = cfg.seg
+    s = weak
     h = hashlib.sha1(json.dumps({
         "v": CACHE_VERSION, "min": s.min_tumour_fraction, "normal": list(s.normal_labels),
-        "margin": s.negative_margin, "ambiguous": s.max_ambiguous, "train_ambiguous": s.distill.ambiguous, "neg_per_pos": s.neg_per_pos,
+        "margin": s.negative_margin, "ambiguous": s.max_ambiguous,
+        "train_ambiguous": s.train_ambiguous, "neg_per_pos": s.neg_per_pos,
         "caps": [s.max_train, s.max_val, s.max_test], "seed": s.data_seed,
     }, sort_keys=True).encode())
     for sl in index:

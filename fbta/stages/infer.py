@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from fbta.config import ConfigError
-from fbta.e2e.build import load_ema_extractor
+from fbta.e2e.states import load_ema_extractor
 from fbta.e2e.classifier import load_classifier
 from fbta.e2e.reextract import reextract_slide, translate_slide
 from fbta.device import fit_workers, resolve_device

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from fbta.config import InputError
 from fbta.io.atomic import atomic_write_text
 from fbta.io.reports import deep_merge
+from fbta.summary import results_table, summarise
 
 
 def rebuild(reports_dir: Path) -> dict[str, Any]:
@@ -36,27 +37,7 @@ def rebuild(reports_dir: Path) -> dict[str, Any]:
     return merged
 
 
-def results_table(metrics: dict[str, Any]) -> str:
-    """Classification and segmentation variants as rows, metrics as columns (what a reader compares)."""
-    lines: list[str] = []
-    for section, cols in (("classification", ("auc", "acc", "f1")), ("segmentation", ("f1", "iou"))):
-        rows = metrics.get(section) or {}
-        if not rows:
-            continue
-        width = max(len(section), *(len(k) for k in rows))
-        lines.append(f"{section:<{width}}  " + "  ".join(f"{c:>6}" for c in cols) + "  detail")
-        for variant in sorted(rows):
-            entry = rows[variant] if isinstance(rows[variant], dict) else {}
-            vals = "  ".join(f"{entry[c]:>6.3f}" if isinstance(entry.get(c), (int, float)) else f"{'-':>6}" for c in cols)
-            extra = ", ".join(f"{k}={entry[k]}" for k in sorted(entry) if k not in cols and not isinstance(entry[k], dict))
-            lines.append(f"{variant:<{width}}  {vals}  {extra}")
-        lines.append("")
-    return "\n".join(lines).rstrip() or "no classification or segmentation metrics yet"
-
-
 def run(cfg: DictConfig) -> int:
-    from fbta.summary import summarise
-
     reports = Path(cfg.data.out, "reports")
     frags = sorted((reports / "metrics").glob("*.json"))
     metrics = rebuild(reports)

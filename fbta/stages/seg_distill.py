@@ -28,7 +28,7 @@ from fbta.seg.model import META, load_segmenter, predict_fused, save_segmenter
 from fbta.seg.network import create_segnet
 from fbta.seg.overlays import save_test_overlays
 from fbta.seg.metrics import selection_floor
-from fbta.seg.pipeline import baselines_of, check_config, describe, fit_options, log_outcome, metrics_entry, \
+from fbta.stages.seg_common import baselines_of, check_config, describe, fit_options, log_outcome, metrics_entry, \
     no_beat_line, patch_sets, resolve_device, scores_table, write_history, write_pseudo_masks, write_slide_maps
 from fbta.seg.train import evaluate
 from fbta.stages.common import out_dir

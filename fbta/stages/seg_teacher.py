@@ -24,7 +24,7 @@ from fbta.mil.train import seed_everything
 from fbta.seg.model import META, save_segmenter
 from fbta.seg.network import create_segnet
 from fbta.seg.overlays import save_test_overlays
-from fbta.seg.pipeline import baseline_entries, baselines_of, check_config, describe, fit_options, log_outcome, \
+from fbta.stages.seg_common import baseline_entries, baselines_of, check_config, describe, fit_options, log_outcome, \
     metrics_entry, no_beat_line, patch_sets, resolve_device, scores_table, write_history, write_pseudo_masks
 from fbta.seg.train import evaluate, fit_teacher
 from fbta.stages.common import out_dir

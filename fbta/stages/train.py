@@ -94,7 +94,7 @@ def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
     _check_train_config(cfg)
     fbta = cfg.train.method == "fbta"
     if fbta:
-        from fbta.e2e.build import check_fbta_config
+        from fbta.stages.fbta_setup import check_fbta_config
 
         check_fbta_config(cfg)
     t = cfg.train
@@ -231,8 +231,8 @@ def _vanilla_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagData
 def _fbta_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset, device: torch.device,
               meta: dict, resume: Optional[Resumable]):
     """FBTA's models and data; adds the translator/extractor description to ``meta`` (in place)."""
-    from fbta.e2e.build import build_models, build_tfe, fbta_meta, options, probe_patches, pseudo_bags, \
-        save_fbta_states
+    from fbta.e2e.states import save_fbta_states
+    from fbta.stages.fbta_setup import build_models, build_tfe, fbta_meta, options, probe_patches, pseudo_bags
     from fbta.e2e.trainer import fit_fbta
     from fbta.io.h5 import read_features
 

@@ -1,7 +1,7 @@
 """``fbta tune``: an Optuna study over C, M, K and learning rates; best values → a params file.
 
 One trial = one ``fbta train`` in ``<data.out>/tune/<study>/trial_NNNN`` with
-per-epoch validation AUC reported for median pruning (fbta/tune/study.py).
+per-epoch validation AUC reported for median pruning (fbta/stages/tune_study.py).
 ``tune.n_trials`` counts the study's finished trials, so re-running the same
 command continues a study instead of starting over; the best values go to
 ``<data.out>/tune/<study>/best_params.yaml`` and ``best.json``. Watch it with
@@ -29,10 +29,10 @@ def _catchable() -> tuple[type[BaseException], ...]:
 
 def run(cfg: DictConfig) -> int:
     check_method_and_arch(cfg)
-    from fbta.tune.study import finished, make_objective, open_study, study_name, write_best
+    from fbta.stages.tune_study import finished, make_objective, open_study, study_name, write_best
 
     t = cfg.tune
-    space = search_space(cfg)
+    space = search_space(cfg.tune, cfg.train.method)
     name = study_name(cfg)
     study = open_study(cfg, name)
     study.set_user_attr("fbta.metric", "val_auc")

@@ -50,14 +50,14 @@ class Space:
                 **{k: {"fixed": v} for k, v in self.fixed.items()}}
 
 
-def search_space(cfg: DictConfig) -> Space:
-    """The space for ``cfg.train.method``; a malformed ``tune.*`` list is a ConfigError."""
-    fbta = cfg.train.method == "fbta"
+def search_space(tune: Mapping[str, Any], method: str) -> Space:
+    """The space of the ``tune`` section for ``train.method``; a malformed ``tune.*`` list is a ConfigError."""
+    fbta = method == "fbta"
     choices: dict[str, list[int]] = {}
     ranges: dict[str, tuple[float, float]] = {}
     fixed: dict[str, Any] = {}
     for name, knob in KNOBS.items():
-        values = list(cfg.tune[name])
+        values = list(tune[name])
         if not values or (knob.fbta_only and not fbta):
             continue
         if knob.kind == "choice":
@@ -78,7 +78,7 @@ def search_space(cfg: DictConfig) -> Space:
         else:
             ranges[knob.key] = (float(values[0]), float(values[1]))
     if not choices and not ranges:
-        raise ConfigError(f"nothing to tune for train.method={cfg.train.method}: every tune.* list is empty or "
+        raise ConfigError(f"nothing to tune for train.method={method}: every tune.* list is empty or "
                           "has one value" + ("" if fbta else " (C, M, K and the extractor/translator rates apply "
                                              "to train.method=fbta only)"))
     return Space(choices, ranges, fixed)

@@ -1,7 +1,8 @@
-"""params.yaml → the FBTA models, pseudo-bag data and training options; model-folder files.
+"""The stage door of FBTA: params.yaml → its models, pseudo-bag data and typed training options.
 
 Kept apart from the stage runner so that tuning, benchmarks and tests build
-exactly what ``fbta train train.method=fbta`` builds.
+exactly what ``fbta train train.method=fbta`` builds; the library below
+(``fbta.e2e``) takes what this returns, never the config.
 """
 from __future__ import annotations
 
@@ -19,15 +20,14 @@ from fbta.e2e.diagnostics import ProbePatches, choose_probe
 from fbta.e2e.pseudobags import SAMPLING, PseudoBags, SlideSource
 from fbta.e2e.step import VIEWS, FBTAModels, StepOptions
 from fbta.e2e.trainer import EMA_EVERY, FBTAOptions, prepare_tfe
-from fbta.e2e.translator import Translator, save_translator
+from fbta.e2e.states import EXTRACTOR
+from fbta.e2e.translator import Translator
 from fbta.features.registry import Extractor, create_extractor
-from fbta.io.atomic import atomic_path
 from fbta.mil.data import BagItem
 from fbta.mil.registry import MILHead
 from fbta.slides.cohort import CohortError, read_labels
 from fbta.stages.common import clusters_dir
 
-EXTRACTOR = "extractor.pt"
 
 
 def check_fbta_config(cfg: DictConfig) -> None:
@@ -122,22 +122,3 @@ def fbta_meta(cfg: DictConfig, m: FBTAModels, units: list[str]) -> dict[str, Any
         "fbta": OmegaConf.to_container(cfg.fbta, resolve=True),
         "n_clusters": cfg.cluster.n_clusters,
     }
-
-
-def save_fbta_states(folder: Path, states: dict[str, dict[str, torch.Tensor]]) -> None:
-    """translator.pt and extractor.pt (TFE*), written before best.pt/meta.json so meta.json stays the 'complete' mark."""
-    save_translator(folder, None, states["translator"])  # type: ignore[arg-type]
-    with atomic_path(Path(folder) / EXTRACTOR, suffix=".pt") as tmp:
-        torch.save(states["extractor"], tmp)
-
-
-def load_ema_extractor(folder: Path, meta: dict[str, Any], device: torch.device) -> Extractor:
-    """TFE* of an FBTA model folder (for the re-extraction comparison), ``weights_only`` loading."""
-    from fbta.mil.checkpoint import CheckpointError, load_weights
-
-    spec = meta.get("extractor")
-    if not spec:
-        raise CheckpointError(f"{folder}: not an FBTA model (meta.json has no extractor)")
-    tfe = create_extractor(spec["extractor"], weights="random", trainable=False, device=device,
-                           input_size=spec.get("input_size"))
-    return load_weights(tfe, Path(folder) / spec.get("file", EXTRACTOR), device, f"{spec['extractor']} extractor")

@@ -17,8 +17,8 @@ from fbta.device import resolve_device  # noqa: F401 (re-exported: one resolver)
 from fbta.io.atomic import atomic_path
 from fbta.io.reports import write_csv
 from fbta.mil.splits import resolve_split
-from fbta.seg.dataset import SPLITS, PatchSet, SlidePatchIndex, cache_complete, cache_path, fingerprint, \
-    index_cohort, label_stats, select, write_cache
+from fbta.seg.dataset import SPLITS, CohortPaths, PatchSet, SlidePatchIndex, WeakLabelOptions, cache_complete, \
+    cache_path, fingerprint, index_cohort, label_stats, select, write_cache
 from fbta.seg.metrics import AMBIGUOUS, POS, SegScores, baseline_scores, binarise
 from fbta.seg.model import predict_fused
 from fbta.seg.network import SideOutputNet
@@ -83,6 +83,18 @@ class SegData:
     index: list[SlidePatchIndex]  # every usable slide: coords, tumour shares, groups, mask
 
 
+def weak_label_options(cfg: DictConfig) -> WeakLabelOptions:
+    s = cfg.seg
+    return WeakLabelOptions(float(s.min_tumour_fraction), float(s.negative_margin), tuple(s.normal_labels),
+                            float(s.neg_per_pos), int(s.max_train), int(s.max_val), int(s.max_test),
+                            int(s.max_ambiguous), int(s.distill.ambiguous), int(s.data_seed))
+
+
+def cohort_paths(cfg: DictConfig) -> CohortPaths:
+    d = cfg.data
+    return CohortPaths(Path(d.labels), Path(d.slides), Path(d.out), Path(d.masks) if d.masks else None)
+
+
 def patch_sets(cfg: DictConfig, report: StageReport, build: bool) -> SegData:
     """The cached train/val/test patch sets (built, or checked up to date when ``build`` is False), their
     fingerprint, and the weak-label statistics over every tiled patch of each split (printed)."""
@@ -91,17 +103,18 @@ def patch_sets(cfg: DictConfig, report: StageReport, build: bool) -> SegData:
         raise CohortError(f"{labels}: labels file not found (set data.labels)")
     entries = read_labels(labels, cfg.data.slides)
     split = resolve_split(entries, labels, cfg.data.out, split_params(cfg)).assignment
-    index, missing = index_cohort(cfg, split)
+    weak = weak_label_options(cfg)
+    index, missing = index_cohort(cohort_paths(cfg), split, weak)
     for sid, why in missing.items():
         report.failed(sid, why)
-    fp = fingerprint(index, cfg)
+    fp = fingerprint(index, weak)
     sets: dict[str, PatchSet] = {}
     for k, part in enumerate(SPLITS):
         path = cache_path(cfg.data.out, part)
         if not cache_complete(path, fp):
             if not build:
                 raise InputError(f"{path}: missing or made from other inputs/parameters; run `fbta seg-teacher` first")
-            keep = select(index, part, cfg, k)
+            keep = select(index, part, weak, k)
             t0 = time.perf_counter()
             n = write_cache(path, index, keep, fp)
             print(f"seg: cached {n} {part} patches → {path} ({time.perf_counter() - t0:.1f} s)", flush=True)

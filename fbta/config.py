@@ -269,8 +269,6 @@ class SegDistillCfg:
     reversal_start: int = 30  # first epoch a swap is checked (authors: 60 of 500)
     reversal_every: int = 30  # then every n epochs
     init: str = "backbone"  # student init: backbone (ImageNet/random backbone, fresh side outputs) | teacher (copy)
-    ambiguous: int = 0  # train patches with 0 < tumour share < min_tumour_fraction the student also learns from,
-    #                     as positives whose target is the teacher's map (never the teacher: broadcast labels)
     seed: int = 0
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fbta.cli import main
-from fbta.features.foundation import ENCODERS, build_encoder, from_hf_dinov2
+from fbta.features.foundation import ENCODERS, build_encoder, from_conch, from_hf_dinov2
 from fbta.features.registry import create_extractor, list_extractors
 from fbta.features.weights import WeightsError, load_into
 
@@ -25,6 +25,7 @@ PUBLISHED = {
     "h_optimus_0": (1536, 1.13e9, ("reg_token", (1, 4, 1536))),
     "gigapath": (1536, 1.13e9, ("patch_embed.proj.weight", (1536, 3, 16, 16))),
     "phikon_v2": (1024, 303e6, ("pos_embed", (1, 197, 1024))),
+    "conch_v1": (512, 88e6, ("trunk.pos_embed", (1, 785, 768))),  # ViT-B/16 at 448 px + the contrastive pooler
 }
 
 
@@ -119,3 +120,43 @@ def test_fbta_trains_end_to_end_with_a_vit_extractor(tmp_path: Path) -> None:
         assert run(stage) == 0
     assert run("train", "train.method=fbta") == 0 and run("infer", "train.method=fbta") == 0
     assert (tmp_path / "out/models/fbta_abmil/translator.pt").exists()
+
+
+def conch_state_dict() -> dict[str, torch.Tensor]:
+    """CONCH's published CoCa checkpoint layout: visual.trunk (ViT-B/16, 448 px), the two attentional poolers,
+    the contrastive LayerNorm and projection, and (a sample of) the text tower and decoder."""
+    e = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    with torch.device("meta"):
+        import timm
+
+        vit = timm.create_model("vit_base_patch16_224", img_size=448, num_classes=0, dynamic_img_size=True)
+    sd = {f"visual.trunk.{k}": torch.empty(v.shape, device="meta") for k, v in vit.state_dict().items()}
+    for pool, d, q in (("contrast", 512, 1), ("caption", 768, 256)):
+        p = f"visual.attn_pool_{pool}."
+        sd |= {p + "query": e(q, d), p + "attn.q_proj_weight": e(d, d), p + "attn.k_proj_weight": e(d, 768),
+               p + "attn.v_proj_weight": e(d, 768), p + "attn.in_proj_bias": e(3 * d),
+               p + "attn.out_proj.weight": e(d, d), p + "attn.out_proj.bias": e(d),
+               p + "ln_q.weight": e(d), p + "ln_q.bias": e(d), p + "ln_k.weight": e(768), p + "ln_k.bias": e(768),
+               f"visual.ln_{pool}.weight": e(d), f"visual.ln_{pool}.bias": e(d)}
+    sd |= {"visual.proj_contrast": e(512, 512), "logit_scale": e(()), "text.token_embedding.weight": e(32007, 768),
+           "text.text_projection": e(768, 512), "text_decoder.ln_final.weight": e(768)}
+    return sd
+
+
+def test_conchs_coca_checkpoint_gives_its_vision_tower_exactly() -> None:
+    ext = on_meta("conch_v1")
+    vision = from_conch(conch_state_dict())
+    assert not any(k.startswith(("text", "attn_pool_caption", "ln_caption", "proj_contrast")) for k in vision)
+    load_into(ext.trunk, vision, name="conch_v1", source="test")  # raises on any missing/unexpected/shape
+    assert ext.input_size == 448 and ext.mean == (0.48145466, 0.4578275, 0.40821073)
+
+
+def test_conchs_pooler_is_a_real_attention_over_the_tokens() -> None:
+    """On a small random build: the feature depends on the tokens and on the learned query."""
+    ext = build_encoder(ENCODERS["conch_v1"], "random", False)
+    x = torch.rand(2, 3, 64, 64)  # dynamic_img_size: any multiple of 16
+    with torch.no_grad():
+        a = ext.trunk(x)
+        ext.trunk.attn_pool_contrast.query.add_(1.0)
+        b = ext.trunk(x)
+    assert a.shape == (2, 512) and not torch.allclose(a, b) and not torch.allclose(a[0], a[1])

@@ -1,4 +1,5 @@
-"""Pathology foundation encoders from local weight files: UNI, UNI2-h, Virchow2, H-optimus-0, Phikon-v2, GigaPath.
+"""Pathology foundation encoders from local weight files: UNI, UNI2-h, Virchow2, H-optimus-0, Phikon-v2, GigaPath,
+CONCH (its vision tower).
 
 Each entry rebuilds the published architecture in timm (the keyword arguments of
 the model card's ``timm.create_model`` call), its preprocessing (input size,
@@ -8,8 +9,11 @@ a hub (most are gated, and no code path may need the internet): pass the file �
 ``.safetensors``), or put it at ``$FBTA_WEIGHTS_DIR/<name>.<ext>``. Without one
 the error names the file expected and where it is published. Phikon-v2 is
 published in Hugging Face ``transformers`` (Dinov2) naming and is converted to
-timm's on load. CONCH's vision tower (CoCa with an attentional pooler) cannot be
-built from timm alone and is not registered.
+timm's on load. CONCH is published as a whole CoCa model (vision tower, text
+tower, captioning decoder); its tile feature is the vision tower's contrastive
+attentional pooling of the ViT-B/16 tokens at 448 px, after its LayerNorm and
+before the image–text projection (what ``encode_image(proj_contrast=False,
+normalize=False)`` returns, 512-d); only ``visual.*`` is read from the file.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from fbta.features.base import Extractor, register_extractor
 from fbta.features.weights import WeightSource, load_into, parse_random, resolve_weights
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,9 @@ class Encoder:
     std: tuple[float, float, float] = IMAGENET[1]
     input_size: int = 224
     pool: str = "token"  # token: the class token after the final norm | cls+mean: [class token, mean patch token]
+    #                      | attn: CONCH's attentional pooler (one learned query) + LayerNorm
     prefix_tokens: int = 1  # class + register tokens before the patch tokens (cls+mean)
-    naming: str = "timm"  # timm | hf_dinov2 (converted on load)
+    naming: str = "timm"  # timm | hf_dinov2 (converted on load) | conch (visual.* of the CoCa checkpoint)
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -67,6 +73,9 @@ ENCODERS: dict[str, Encoder] = {e.name: e for e in (
     Encoder("phikon_v2", "owkin/phikon-v2 on Hugging Face (model.safetensors, transformers Dinov2 naming)",
             "vit_large_patch16_224", {"img_size": 224, "patch_size": 16, "init_values": 1e-5}, 1024,
             naming="hf_dinov2"),
+    Encoder("conch_v1", "MahmoodLab/CONCH on Hugging Face (pytorch_model.bin, the whole CoCa model)",
+            "vit_base_patch16_224", {"img_size": 448, "patch_size": 16, "dynamic_img_size": True}, 512,
+            mean=OPENAI_CLIP[0], std=OPENAI_CLIP[1], input_size=448, pool="attn", naming="conch"),
 )}
 
 
@@ -81,6 +90,49 @@ class ClsMeanPool(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         tokens = self.net.forward_features(x)
         return torch.cat([tokens[:, 0], tokens[:, self.prefix_tokens:].mean(1)], dim=-1)
+
+
+class AttentionPoolHead(nn.Module):
+    """CONCH's tile embedding: learned queries attend over the ViT tokens, then a LayerNorm.
+
+    Names follow the published checkpoint (``attn_pool_contrast.query``, ``.attn``
+    with separate q/k/v projections because keys are 768-d and queries 512-d,
+    ``.ln_q``, ``.ln_k``; ``ln_contrast``) so that its ``visual.*`` tensors load as they are.
+    """
+
+    def __init__(self, net: nn.Module, dim: int, heads: int = 8, queries: int = 1) -> None:
+        super().__init__()
+        self.trunk = net
+        width = int(net.num_features)
+        self.attn_pool_contrast = _QueryPool(dim, width, heads, queries)
+        self.ln_contrast = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
+
+
+class _QueryPool(nn.Module):
+    def __init__(self, dim: int, context: int, heads: int, queries: int) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(queries, dim))
+        self.attn = nn.MultiheadAttention(dim, heads, kdim=context, vdim=context, batch_first=True)
+        self.ln_q = nn.LayerNorm(dim)
+        self.ln_k = nn.LayerNorm(context)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        keys = self.ln_k(tokens)
+        q = self.ln_q(self.query).unsqueeze(0).expand(len(tokens), -1, -1)
+        return self.attn(q, keys, keys, need_weights=False)[0]
+
+
+CONCH_UNUSED = ("attn_pool_caption.", "ln_caption.", "proj_contrast")  # captioning and the image–text projection
+
+
+def from_conch(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The vision tower's tensors of a CONCH (CoCa) checkpoint, without the ``visual.`` prefix; the text tower,
+    the captioning pooler and the contrastive projection are dropped (a tile feature uses none of them)."""
+    out = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    return {k: v for k, v in out.items() if not k.startswith(CONCH_UNUSED)}
 
 
 _HF = [  # transformers Dinov2 name → timm ViT name (qkv handled apart)
@@ -124,11 +176,13 @@ def build_encoder(spec: Encoder, weights: Optional[str], trainable: bool) -> Ext
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed or 0)
         net = timm.create_model(spec.arch, pretrained=False, num_classes=0, **spec.kwargs)
-    trunk: nn.Module = ClsMeanPool(net, spec.prefix_tokens) if spec.pool == "cls+mean" else net
+        trunk: nn.Module = (ClsMeanPool(net, spec.prefix_tokens) if spec.pool == "cls+mean"
+                            else AttentionPoolHead(net, spec.dim) if spec.pool == "attn" else net)
     source = WeightSource(spec.name, f"the {spec.name} weights published as {spec.publisher}")
     resolved = resolve_weights(weights, source)
     if resolved.state_dict is not None:
-        sd = from_hf_dinov2(resolved.state_dict) if spec.naming == "hf_dinov2" else dict(resolved.state_dict)
+        sd = (from_hf_dinov2(resolved.state_dict) if spec.naming == "hf_dinov2"
+              else from_conch(resolved.state_dict) if spec.naming == "conch" else dict(resolved.state_dict))
         target = trunk.net if isinstance(trunk, ClsMeanPool) else trunk
         load_into(target, sd, name=spec.name, source=resolved.weights_id, ignore_prefixes=("head.",))
     return Extractor(trunk, name=spec.name, arch=spec.arch, dim=spec.dim, input_size=spec.input_size,

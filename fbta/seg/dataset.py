@@ -18,13 +18,12 @@ thresholded is the dataset's" — [choice], configurable):
 - **negative**: no tumour at all — normal slides, and tumour-free regions of
   tumour slides; with ``seg.negative_margin`` > 0 also none within that many
   patch sides around the patch (annotation outlines are drawn loosely);
-- **ambiguous**: everything in between. Never a teacher's training patch (its
-  broadcast all-ones target would be wrong on most of its pixels); up to
-  ``seg.max_ambiguous`` of them per validation/test split are cached and scored
-  as their own group (``ambiguous_f1``), outside the selection score. Up to
-  ``seg.distill.ambiguous`` of the training split's are cached for the student,
-  which learns them as positives against the teacher's map — the pixel-level
-  target distillation exists to give (our choice, README § Segmentation).
+- **ambiguous**: everything in between. Never trained on (a teacher's
+  broadcast all-ones target would be wrong on most of their pixels; as extra
+  distillation data, against the teacher's map, they made students worse:
+  README § Segmentation); up to ``seg.max_ambiguous`` of them per
+  validation/test split are cached and scored as their own group
+  (``ambiguous_f1``), outside the selection score.
 """
 from __future__ import annotations
 
@@ -73,8 +72,7 @@ class WeakLabelOptions:
     max_train: int = 0  # caps on positives + negatives per split (0: none)
     max_val: int = 0
     max_test: int = 0
-    max_ambiguous: int = 32  # ambiguous patches scored per val/test split
-    train_ambiguous: int = 0  # ambiguous train patches cached for distillation only
+    max_ambiguous: int = 32  # ambiguous patches scored per val/test split (never trained on)
     data_seed: int = 0
 
     def cap(self, part: str) -> int:
@@ -191,8 +189,8 @@ def select(index: list[SlidePatchIndex], part: str, weak: WeakLabelOptions, seed
 
     Negatives are drawn uniformly from every tumour-free patch of the split —
     normal slides and the tumour-free regions of tumour slides alike. Ambiguous
-    patches: validation and test keep up to ``seg.max_ambiguous`` of them (scored
-    as their own group), training up to ``seg.distill.ambiguous`` (distillation only).
+    patches are never kept for training; validation and test keep up to
+    ``seg.max_ambiguous`` of them (scored as their own group).
     """
     s = weak
     pos, neg, amb = [], [], []
@@ -211,7 +209,7 @@ def select(index: list[SlidePatchIndex], part: str, weak: WeakLabelOptions, seed
         n_pos, n_neg = k_pos, cap - k_pos
     keep = [pos[i] for i in rng.choice(len(pos), n_pos, replace=False)] if n_pos else []
     keep += [neg[i] for i in rng.choice(len(neg), n_neg, replace=False)] if n_neg else []
-    n_amb = min(len(amb), int(s.train_ambiguous if part == "train" else s.max_ambiguous))
+    n_amb = 0 if part == "train" else min(len(amb), int(s.max_ambiguous))
     keep += [amb[i] for i in rng.choice(len(amb), n_amb, replace=False)] if n_amb else []
     return sorted(keep)
 
@@ -221,8 +219,7 @@ def fingerprint(index: list[SlidePatchIndex], weak: WeakLabelOptions) -> str:
     s = weak
     h = hashlib.sha1(json.dumps({
         "v": CACHE_VERSION, "min": s.min_tumour_fraction, "normal": list(s.normal_labels),
-        "margin": s.negative_margin, "ambiguous": s.max_ambiguous,
-        "train_ambiguous": s.train_ambiguous, "neg_per_pos": s.neg_per_pos,
+        "margin": s.negative_margin, "ambiguous": s.max_ambiguous, "neg_per_pos": s.neg_per_pos,
         "caps": [s.max_train, s.max_val, s.max_test], "seed": s.data_seed,
     }, sort_keys=True).encode())
     for sl in index:
@@ -319,10 +316,9 @@ class PatchSet:
                 "negative": int((self.group == NEG).sum()), "ambiguous": int((self.group == AMBIGUOUS).sum()),
                 "slides": len(set(self.slide_ids))}
 
-    def trainable(self, ambiguous: bool = False) -> np.ndarray:
-        """Indices of the patches training may use: positives and negatives; the ambiguous ones too for
-        distillation (``ambiguous``), where their target is the teacher's map, not a broadcast label."""
-        return np.arange(len(self.group)) if ambiguous else np.flatnonzero(self.group != AMBIGUOUS)
+    def trainable(self) -> np.ndarray:
+        """Indices of the patches training may use: positives and negatives, never the ambiguous ones."""
+        return np.flatnonzero(self.group != AMBIGUOUS)
 
     @classmethod
     def from_arrays(cls, images: np.ndarray, labels: np.ndarray, masks: np.ndarray,

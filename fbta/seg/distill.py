@@ -37,7 +37,6 @@ class DistillOptions:
     role_reversal: bool = True
     reversal_start: int = 30
     reversal_every: int = 30
-    ambiguous: bool = False  # also learn the train split's cached ambiguous patches (as positives, teacher targets)
 
     def check_epoch(self, epoch: int) -> bool:
         every = max(1, self.reversal_every)
@@ -67,7 +66,7 @@ def fit_distill(teacher: SideOutputNet, student: SideOutputNet, teacher_f1: floa
         t0 = time.perf_counter()
         student.train()
         total, steps, ce_total = 0.0, 0, 0.0
-        for x, y in train_batches(train, opts, gen, device, student, dopts.ambiguous):
+        for x, y in train_batches(train, opts, gen, device, student):
             with torch.no_grad():
                 t_out = teacher(x)
             s_out = student(x)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from fbta.seg import augment as aug
 from fbta.seg.dataset import PatchSet
 from fbta.seg.losses import teacher_dice_loss, teacher_gmp_bce_loss
-from fbta.seg.metrics import NEG, SegScores, baseline_scores, score_maps, selection_floor
+from fbta.seg.metrics import SegScores, baseline_scores, score_maps, selection_floor
 from fbta.seg.model import net_input, predict_fused
 from fbta.seg.network import SideOutputNet
 
@@ -149,13 +149,9 @@ augment = aug.geometric  # the name earlier code imported
 
 
 def train_batches(ps: PatchSet, opts: FitOptions, gen: torch.Generator, device: torch.device,
-                  net: SideOutputNet, ambiguous: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
-    """(normalised input, labels) per batch of trainable patches; masks are never read.
-
-    ``ambiguous``: the cached ambiguous patches too, labelled 1 (they contain tumour) — for distillation only.
-    """
-    usable = ps.trainable(ambiguous)
-    labels = (ps.group != NEG).astype(np.float32) if ambiguous else ps.labels
+                  net: SideOutputNet) -> Iterator[tuple[Tensor, Tensor]]:
+    """(normalised input, labels) per batch of trainable (positive/negative) patches; masks are never read."""
+    usable = ps.trainable()
     for pick in batches(len(usable), opts.batch_size, gen):
         idx = usable[pick]
         x = torch.from_numpy(ps.images[idx])
@@ -164,7 +160,7 @@ def train_batches(ps: PatchSet, opts: FitOptions, gen: torch.Generator, device: 
         x = x.to(device)
         if opts.colour > 0 or opts.hed_sigma > 0:
             x = aug.colour(x.permute(0, 3, 1, 2).float().div_(255.0), opts.colour, opts.hed_sigma, gen)
-        yield net_input(net, x, opts.input_size), torch.from_numpy(labels[idx]).to(device)
+        yield net_input(net, x, opts.input_size), torch.from_numpy(ps.labels[idx]).to(device)
 
 
 def evaluate(net: SideOutputNet, ps: PatchSet, opts: FitOptions, device: torch.device) -> tuple[SegScores, np.ndarray]:

@@ -87,7 +87,7 @@ def weak_label_options(cfg: DictConfig) -> WeakLabelOptions:
     s = cfg.seg
     return WeakLabelOptions(float(s.min_tumour_fraction), float(s.negative_margin), tuple(s.normal_labels),
                             float(s.neg_per_pos), int(s.max_train), int(s.max_val), int(s.max_test),
-                            int(s.max_ambiguous), int(s.distill.ambiguous), int(s.data_seed))
+                            int(s.max_ambiguous), int(s.data_seed))
 
 
 def cohort_paths(cfg: DictConfig) -> CohortPaths:

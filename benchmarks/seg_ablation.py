@@ -127,7 +127,7 @@ def main() -> None:
                 continue
             d = s.distill
             base = dict(kd=d.kd, weighted_ce=d.weighted_ce, ce_weight=d.ce_weight, role_reversal=d.role_reversal,
-                        reversal_start=d.reversal_start, reversal_every=d.reversal_every)
+                        reversal_start=d.reversal_start, reversal_every=d.reversal_every, ce_form=d.ce_form)
             change = dict(change)
             init = change.pop("init", d.init)
             dopts = DistillOptions(**{**base, **change})

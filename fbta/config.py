@@ -265,6 +265,7 @@ class SegDistillCfg:
     kd: str = "fusion"  # fusion (every student map vs the teacher's fused map) | blockwise (s_i vs teacher s_i)
     weighted_ce: bool = True  # OEEM-style weighted CE vs the teacher's pseudo-label (thresholded at 0.5)
     ce_weight: float = 2.0  # × batch size: the authors' `loss_oeem * 2 * B`
+    ce_form: str = "authors"  # authors: softmax CE on (1 − p, p) as logits, as their code (bounded) | bce
     role_reversal: bool = True
     reversal_start: int = 30  # first epoch a swap is checked (authors: 60 of 500)
     reversal_every: int = 30  # then every n epochs

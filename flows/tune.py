@@ -3,7 +3,7 @@
 Run it directly (``python flows/tune.py [key=value ...]``, an ephemeral Prefect
 server) or through the deployment ``fbta-tune/local`` (``make serve``, then
 ``prefect deployment run 'fbta-tune/local' --param overrides='["tune.n_trials=4"]'``).
-The study is the library's (fbta/stages/tune_study.py; resumable: a re-run continues
+The study is the stage layer's (fbta/stages/tune_study.py; resumable: a re-run continues
 it); registering the best trial's model goes through ``fbta register``, whose
 promotion rule moves ``@champion`` only if that model beats the current one.
 """

@@ -40,7 +40,7 @@ def test_a_misspelt_device_is_a_config_error():
 def test_every_stage_uses_the_one_resolver():
     from fbta.features import extract
     from fbta.mil import train
-    from fbta.seg import pipeline
+    from fbta.stages import seg_common as pipeline
 
     assert extract.pick_device is train.resolve_device is pipeline.resolve_device is resolve_device
 

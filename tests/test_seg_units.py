@@ -13,7 +13,8 @@ from PIL import Image
 from fbta.seg import SegmenterError, load_segmenter
 from fbta.seg.dataset import MaskError, PatchSet, patch_masks, read_mask
 from fbta.seg.distill import DistillOptions, fit_distill
-from fbta.seg.losses import distill_dice_loss, gmp, soft_dice, teacher_dice_loss, weak_dice, weighted_ce
+from fbta.seg.losses import CE_FORMS, distill_dice_loss, gmp, pixel_ce, soft_dice, teacher_dice_loss, weak_dice, \
+    weighted_ce
 from fbta.seg.metrics import f1_iou, hausdorff, score_image, score_maps
 from fbta.seg.model import save_segmenter
 from fbta.seg.network import SegOutput, SideOutputNet, create_segnet
@@ -70,11 +71,25 @@ def test_fusion_kd_targets_the_teacher_fused_map_and_blockwise_its_sides():
 def test_weighted_ce_thresholds_the_pseudo_label_and_damps_disagreeing_pixels():
     teacher = torch.full((1, 1, 2, 2), 0.6)  # ≥ 0.5 → label 1 (the authors' .long() would give 0)
     agree = torch.full((1, 1, 2, 2), 0.9)
-    assert weighted_ce(agree, teacher).item() == pytest.approx(-math.log(0.9), rel=1e-4)  # single class: w = 1
+    assert weighted_ce(agree, teacher, form="bce").item() == pytest.approx(-math.log(0.9), rel=1e-4)  # w = 1
     teacher2 = torch.tensor([[[[0.9, 0.9], [0.1, 0.1]]]])
     student = torch.tensor([[[[0.9, 0.1], [0.1, 0.1]]]])  # one pixel disagrees
-    plain = torch.nn.functional.binary_cross_entropy(student, (teacher2 >= 0.5).float())
-    assert weighted_ce(student, teacher2).item() < plain.item()  # the noisy pixel weighs less
+    for form in CE_FORMS:
+        plain = pixel_ce(student, (teacher2 >= 0.5).float(), form).mean()
+        assert weighted_ce(student, teacher2, form=form).item() < plain.item()  # the noisy pixel weighs less
+
+
+def test_the_authors_ce_is_softmax_cross_entropy_on_probabilities_used_as_logits():
+    p = torch.rand(2, 1, 4, 4)
+    y = (torch.rand(2, 1, 4, 4) > 0.5).float()
+    logits = torch.cat([1 - p, p], dim=1)  # what their code passes to F.cross_entropy
+    ref = torch.nn.functional.cross_entropy(logits, y[:, 0].long(), reduction="none")
+    assert torch.allclose(pixel_ce(p, y, "authors")[:, 0], ref, atol=1e-6)
+    # bounded: softplus(1) at worst, softplus(-1) at best — so OEEM weights stay within e of each other
+    worst, best = pixel_ce(torch.zeros(1), torch.ones(1)), pixel_ce(torch.ones(1), torch.ones(1))
+    assert worst.item() == pytest.approx(math.log1p(math.e)) and best.item() == pytest.approx(math.log1p(1 / math.e))
+    with pytest.raises(ValueError, match="ce_form='nope'"):
+        pixel_ce(p, y, "nope")
 
 
 # ------------------------------------------------------------------------------------------ metrics

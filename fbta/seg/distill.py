@@ -37,6 +37,7 @@ class DistillOptions:
     role_reversal: bool = True
     reversal_start: int = 30
     reversal_every: int = 30
+    ce_form: str = "authors"  # authors (softmax CE on (1 − p, p) as logits: bounded) | bce
 
     def check_epoch(self, epoch: int) -> bool:
         every = max(1, self.reversal_every)
@@ -72,7 +73,7 @@ def fit_distill(teacher: SideOutputNet, student: SideOutputNet, teacher_f1: floa
             s_out = student(x)
             loss = distill_dice_loss(s_out, t_out, y, dopts.kd)
             if dopts.weighted_ce:
-                ce = weighted_ce(s_out.fused, t_out.fused, opts.threshold)
+                ce = weighted_ce(s_out.fused, t_out.fused, opts.threshold, dopts.ce_form)
                 loss = loss + dopts.ce_weight * len(x) * ce
                 ce_total += float(ce.detach())
             opt.zero_grad(set_to_none=True)

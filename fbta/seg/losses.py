@@ -63,18 +63,37 @@ def distill_dice_loss(student: SegOutput, teacher: SegOutput, labels: Tensor, kd
     return sum(weak_dice(m, t.detach(), positive).sum() for m, t in zip(student.maps(), targets))  # type: ignore
 
 
-def weighted_ce(p: Tensor, teacher_fused: Tensor, threshold: float = 0.5) -> Tensor:
+CE_FORMS = ("authors", "bce")
+
+
+def pixel_ce(p: Tensor, y: Tensor, form: str = "authors") -> Tensor:
+    """Per-pixel cross-entropy of probability map ``p`` against 0/1 labels ``y``.
+
+    ``authors``: the authors' code feeds (1 − p, p) to a softmax cross-entropy as
+    if they were logits: ℓ = softplus(∓(2p − 1)), bounded in [0.31, 1.31] with a
+    bounded gradient, so the OEEM weights softmax(−ℓ) stay within e¹ of each other.
+    ``bce``: the textbook binary CE on probabilities, unbounded — its softmax(−ℓ)
+    weights put nearly all the mass on the already-easy pixels.
+    """
+    if form == "authors":
+        margin = (2 * p - 1) * (2 * y - 1)  # logit of the labelled class minus the other's
+        return F.softplus(-margin)
+    if form == "bce":
+        return F.binary_cross_entropy(p.clamp(EPS, 1 - EPS), y, reduction="none")
+    raise ValueError(f"seg.distill.ce_form='{form}' must be one of {', '.join(CE_FORMS)}")
+
+
+def weighted_ce(p: Tensor, teacher_fused: Tensor, threshold: float = 0.5, form: str = "authors") -> Tensor:
     """OEEM-style weighted pixel cross-entropy of ``p`` vs the teacher's pseudo-label, mean over pixels and batch.
 
     Pseudo-label: teacher map ≥ threshold (the authors' ``.long()`` truncation
     makes nearly every label 0). Weights: softmax(−ℓ) over each image's pixels,
     rescaled to mean 1 and detached, so agreeing pixels weigh more and noisy
     ones are damped; 1 everywhere on an image whose pseudo-label has one class.
-    Binary CE on probabilities (the authors feed (1−p, p) to a softmax CE as if
-    they were logits).
+    ℓ: :func:`pixel_ce` (``form``; the authors' bounded form by default).
     """
     y = (teacher_fused.detach() >= threshold).float()
-    loss = F.binary_cross_entropy(p.clamp(EPS, 1 - EPS), y, reduction="none").flatten(1)  # B×HW
+    loss = pixel_ce(p, y, form).flatten(1)  # B×HW
     w = torch.softmax(-loss.detach(), dim=1)
     w = w / w.mean(1, keepdim=True)
     yf = y.flatten(1)

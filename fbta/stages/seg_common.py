@@ -34,6 +34,7 @@ def check_config(cfg: DictConfig) -> None:
     s = cfg.seg
     choices = {"seg.fusion": (s.fusion, ("fixed", "learnable")), "seg.teacher.loss": (s.teacher.loss, ("dice", "gmp_bce")),
                "seg.distill.kd": (s.distill.kd, ("fusion", "blockwise")),
+               "seg.distill.ce_form": (s.distill.ce_form, ("authors", "bce")),
                "seg.distill.init": (s.distill.init, ("backbone", "teacher"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:

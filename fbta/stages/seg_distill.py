@@ -63,7 +63,8 @@ def run(cfg: DictConfig) -> int:
         student, weights_id = copy.deepcopy(teacher), seg_teacher.meta.get("weights")
     else:
         student, weights_id = create_segnet(s.backbone, s.weights, s.out_indices, s.fusion, s.fusion_weights)
-    dopts = DistillOptions(d.kd, d.weighted_ce, d.ce_weight, d.role_reversal, d.reversal_start, d.reversal_every)
+    dopts = DistillOptions(d.kd, d.weighted_ce, d.ce_weight, d.role_reversal, d.reversal_start, d.reversal_every,
+                           d.ce_form)
     folder = out_dir(cfg, "models", "seg_student")
     (folder / META).unlink(missing_ok=True)
     meta = {"role": "student", "backbone": s.backbone, "weights": weights_id, "input_size": s.input_size,

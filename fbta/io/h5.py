@@ -124,6 +124,11 @@ def read_features(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     return feats, coords, attrs
 
 
+def _clam_twin(pt: Path) -> Path:
+    """CLAM writes ``pt_files/<id>.pt`` beside ``h5_files/<id>.h5`` (features + coords)."""
+    return pt.parent.parent / "h5_files" / f"{pt.stem}.h5"
+
+
 def _read_clam_pt(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     import torch
 
@@ -138,7 +143,7 @@ def _read_clam_pt(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         feats = feats[:, 0]
     if feats.ndim != 2:
         raise ValueError(f"{path}: features of shape {tuple(feats.shape)}, expected N×D")
-    sibling = path.parent.parent / "h5_files" / f"{path.stem}.h5"
+    sibling = _clam_twin(path)
     attrs: dict[str, Any] = {"fbta_source": "clam_pt"}
     coords = np.zeros((len(feats), 2), np.int64)
     if sibling.is_file():
@@ -157,7 +162,7 @@ def feature_file_attrs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     has none of its own (its ``h5_files/`` twin's, if any)."""
     path = Path(path)
     if path.suffix == ".pt":
-        path = path.parent.parent / "h5_files" / f"{path.stem}.h5"
+        path = _clam_twin(path)
         if not path.is_file():
             return {}, {}
     with h5py.File(path, "r") as f:

@@ -102,25 +102,13 @@ def claimed(items: Iterable[T], dest_of: Callable[[T], Path], is_done: Callable[
     slide's output — finished by this run or by the other one — or, if the
     other run dies meanwhile, finishes them itself.
     """
-    busy: list[tuple[T, Busy]] = []
-    for item in items:
-        try:
-            with claim(dest_of(item)) as stale:
-                if stale:
-                    log(f"cleared a stale lock on {dest_of(item).name} (left by {stale}, no longer running)")
-                if is_done(item):
-                    on_skip(item, "up to date (finished by another run)")
-                    continue
+    busy: list[T] = []
+    for source, wait_list in ((items, busy), (busy, None)):
+        for item, release in claimed_ahead(source, dest_of, is_done, on_skip, log, busy=wait_list):
+            try:
                 yield item
-        except Busy as b:
-            busy.append((item, b))
-    for item, b in busy:
-        log(f"waiting for {dest_of(item).name}: {b.holder} is writing it")
-        with claim(dest_of(item), wait=True):
-            if is_done(item):
-                on_skip(item, f"up to date (written by {b.holder} while this run waited)")
-                continue
-            yield item
+            finally:
+                release()
 
 
 def claimed_ahead(items: Iterable[T], dest_of: Callable[[T], Path], is_done: Callable[[T], bool],

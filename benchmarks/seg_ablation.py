@@ -38,6 +38,7 @@ VARIANTS = {  # DistillOptions changes; "init" (backbone | teacher) is where the
     "full": {},
     "init_teacher": {"init": "teacher"},
     "no_weighted_ce": {"weighted_ce": False},
+    "weighted_ce": {"weighted_ce": True},  # the authors' OEEM term on (off by default since #15)
     "no_role_reversal": {"role_reversal": False},
     "blockwise_kd": {"kd": "blockwise"},
 }

@@ -263,7 +263,7 @@ class SegDistillCfg:
     lr: float = 5e-5
     weight_decay: float = 5e-5
     kd: str = "fusion"  # fusion (every student map vs the teacher's fused map) | blockwise (s_i vs teacher s_i)
-    weighted_ce: bool = True  # OEEM-style weighted CE vs the teacher's pseudo-label (thresholded at 0.5)
+    weighted_ce: bool = False  # OEEM-style weighted CE vs the teacher's pseudo-label (authors' code; off: README § Segmentation)
     ce_weight: float = 2.0  # × batch size: the authors' `loss_oeem * 2 * B`
     ce_form: str = "authors"  # authors: softmax CE on (1 − p, p) as logits, as their code (bounded) | bce
     role_reversal: bool = True

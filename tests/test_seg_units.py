@@ -250,7 +250,7 @@ def test_teacher_fit_keeps_the_best_validation_epoch():
 
 def test_role_reversal_swaps_when_the_student_beats_the_best_and_never_crashes_when_it_does_not():
     train, val = _toy_set(8), _toy_set(4, seed=1)
-    dopts = DistillOptions(reversal_start=1, reversal_every=1)
+    dopts = DistillOptions(reversal_start=1, reversal_every=1, weighted_ce=True)  # the CE path too
     torch.manual_seed(0)
     teacher, student = _net(), _net()
     beaten = fit_distill(teacher, student, -1.0, train, val, _opts(2), dopts, torch.device("cpu"))

@@ -32,7 +32,7 @@ from fbta.seg.train import EpochLog, FitOptions, FitResult, Selection, State, ep
 @dataclass
 class DistillOptions:
     kd: str = "fusion"  # fusion | blockwise
-    weighted_ce: bool = True
+    weighted_ce: bool = False  # the authors' OEEM term; off by default (it holds the student at its teacher)
     ce_weight: float = 2.0  # × batch size
     role_reversal: bool = True
     reversal_start: int = 30

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from fbta.config import load_config  # noqa: E402
 from fbta.io.atomic import atomic_write_text  # noqa: E402
-from fbta.mil.train import seed_everything  # noqa: E402
+from fbta.training.loop import seed_everything  # noqa: E402
 from fbta.seg.dataset import PatchSet, cache_path  # noqa: E402
 from fbta.seg.metrics import SegScores  # noqa: E402
 from fbta.seg.distill import DistillOptions, fit_distill  # noqa: E402
@@ -71,8 +71,8 @@ def long_teacher(cfg, sets: dict[str, PatchSet], seed: int, device) -> dict:  # 
     """The compute control: one teacher for teacher.epochs + distill.epochs epochs, best by validation F1."""
     epochs = int(cfg.seg.teacher.epochs) + int(cfg.seg.distill.epochs)
     _, res, test, seconds = train_teacher(cfg, sets, seed, device, epochs)
-    return {"seed": seed, "model": "teacher", "variant": "long", "epochs": epochs, "val_f1": res.best.f1,
-            **groups(test), "best_epoch": res.best_epoch, "beats_baselines": res.beats_baselines,
+    return {"seed": seed, "model": "teacher", "variant": "long", "epochs": epochs, "val_f1": res.best.val.f1,
+            **groups(test), "best_epoch": res.best_epoch, "beats_baselines": res.extra["beats_baselines"],
             "wall_s": round(seconds, 1)}
 
 
@@ -117,9 +117,9 @@ def main() -> None:
         teacher, tr, t_test, t_seconds = train_teacher(cfg, sets, seed, device)
         t_epoch = sum(e.extra["train_seconds"] for e in tr.history) / len(tr.history)
         if (seed, "teacher", "-") not in done:  # same seed → the same teacher (deterministic)
-            rows.append({"seed": seed, "model": "teacher", "variant": "-", "val_f1": tr.best.f1, **groups(t_test),
+            rows.append({"seed": seed, "model": "teacher", "variant": "-", "val_f1": tr.best.val.f1, **groups(t_test),
                          "best_epoch": tr.best_epoch,
-                         "beats_baselines": tr.beats_baselines, "baseline_val_f1": tr.floor,
+                         "beats_baselines": tr.extra["beats_baselines"], "baseline_val_f1": tr.extra["floor"],
                          "s_per_epoch": round(t_epoch, 2), "wall_s": round(t_seconds, 1)})
             print(json.dumps(rows[-1]), flush=True)
         state = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -140,13 +140,13 @@ def main() -> None:
             if init == "teacher":
                 student.load_state_dict(state)
             t0 = time.perf_counter()
-            res = fit_distill(teacher, student, tr.best.f1, sets["train"], sets["val"], opts, dopts, device)
+            res = fit_distill(teacher, student, tr.best.val.f1, sets["train"], sets["val"], opts, dopts, device)
             student.load_state_dict(res.best_state)
             test, _ = evaluate(student, sets["test"], opts, device)
             epoch_s = sum(e.extra["train_seconds"] for e in res.history) / len(res.history)
-            rows.append({"seed": seed, "model": "student", "variant": name, "val_f1": res.best.f1,
+            rows.append({"seed": seed, "model": "student", "variant": name, "val_f1": res.best.val.f1,
                          **groups(test), "best_epoch": res.best_epoch, "init": init, "reversals": len(res.extra["reversals"]),
-                         "beats_baselines": res.beats_baselines, "baseline_val_f1": res.floor,
+                         "beats_baselines": res.extra["beats_baselines"], "baseline_val_f1": res.extra["floor"],
                          "beat_teacher_val": bool(res.extra["beat_teacher"]), "s_per_epoch": round(epoch_s, 2),
                          "wall_s": round(time.perf_counter() - t0, 1)})
             print(json.dumps(rows[-1]), flush=True)

@@ -307,6 +307,7 @@ class SegCfg:
     slide_map_max_patches: int = 4000  # a slide with more tiled patches is drawn from a seeded sample of this many
     device: str = "auto"
     deterministic: bool = True
+    resume: bool = True  # a killed seg-teacher / seg-distill goes on from its last epoch (resume.pt in its model folder)
     teacher: SegTeacherCfg = field(default_factory=SegTeacherCfg)
     distill: SegDistillCfg = field(default_factory=SegDistillCfg)
 

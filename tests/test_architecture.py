@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import dvc_deps  # noqa: E402
 
-LIBRARY = ("slides", "tiling", "synth", "features", "mil", "e2e", "seg", "tune", "registry", "io")
+LIBRARY = ("slides", "tiling", "synth", "features", "mil", "e2e", "seg", "tune", "registry", "io", "training")
 STAGE_LAYER = ("fbta.stages", "fbta.cli", "fbta.status", "fbta.summary", "fbta.tracking")
 # config plumbing, not a consumer of settings: merges dotted values into a config for tuning trials
 TAKES_WHOLE_CONFIG = {("fbta.tune.space", "with_values")}

@@ -22,7 +22,9 @@ from fbta.e2e.translator import Translator
 from fbta.features.registry import create_extractor
 from fbta.mil import create_mil
 from fbta.mil.metrics import Scores
-from fbta.mil.train import EMA, Epoch, Selection, ema_decay
+from fbta.mil.train import AUCSelection as Selection
+from fbta.training.ema import EMA, ema_decay
+from fbta.training.loop import Epoch
 from milcohort import SMALL_HEADS, make_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,30 +131,35 @@ def _s(auc: float, loss: float) -> Scores:
     return Scores(auc=auc, acc=0.5, f1=0.5, loss=loss, n=4)
 
 
+
+def judge(sel: Selection, epoch: int, val: object) -> bool:
+    """One epoch's validation scores offered to the selection, as the loop does."""
+    return sel.judge(Epoch(epoch, 0.0, val, 0.0), lambda: {"epoch": epoch})
+
 def test_epochs_before_min_epochs_are_never_best_and_do_not_count_toward_patience() -> None:
     sel = Selection(patience=2, min_epochs=3, epochs=20)
-    assert [sel.judge(e, _s(1.0, 0.1)) for e in range(3)] == [False, False, False]  # even a perfect epoch 0
-    assert sel.since_best == 0 and not sel.stop and sel.best_scores is None
-    assert sel.judge(3, _s(0.6, 0.9)) and sel.best_epoch == 3  # the first eligible epoch is the first best
-    assert not sel.judge(4, _s(0.6, 0.95))  # tie on AUC, higher loss: the earlier epoch stays
-    assert sel.judge(5, _s(0.6, 0.5)) and sel.best_epoch == 5  # tie on AUC, lower loss: the later wins
-    assert not sel.judge(6, _s(0.5, 0.1)) and not sel.judge(7, _s(float("nan"), 0.1)) and sel.stop
+    assert [judge(sel, e, _s(1.0, 0.1)) for e in range(3)] == [False, False, False]  # even a perfect epoch 0
+    assert sel.since_best == 0 and not sel.stop and sel.best is None
+    assert judge(sel, 3, _s(0.6, 0.9)) and sel.best_epoch == 3  # the first eligible epoch is the first best
+    assert not judge(sel, 4, _s(0.6, 0.95))  # tie on AUC, higher loss: the earlier epoch stays
+    assert judge(sel, 5, _s(0.6, 0.5)) and sel.best_epoch == 5  # tie on AUC, lower loss: the later wins
+    assert not judge(sel, 6, _s(0.5, 0.1)) and not judge(sel, 7, _s(float("nan"), 0.1)) and sel.stop
 
 
 def test_a_run_shorter_than_min_epochs_selects_its_last_epoch() -> None:
     sel = Selection(patience=5, min_epochs=3, epochs=2)
-    assert not sel.judge(0, _s(1.0, 0.1)) and sel.judge(1, _s(0.5, 1.0)) and sel.best_epoch == 1
-    assert Selection(patience=5, min_epochs=0, epochs=4).judge(0, _s(0.5, 1.0))  # min_epochs 0: the old rule
+    assert not judge(sel, 0, _s(1.0, 0.1)) and judge(sel, 1, _s(0.5, 1.0)) and sel.best_epoch == 1
+    assert judge(Selection(patience=5, min_epochs=0, epochs=4), 0, _s(0.5, 1.0))  # min_epochs 0: the old rule
 
 
 def test_a_resumed_selection_without_a_best_yet_has_none() -> None:
-    rows = [Epoch(e, 1.0, 0.5, _s(0.9, 0.5), 1.0, best=False) for e in range(2)]
+    rows = [Epoch(e, 1.0, _s(0.9, 0.5), 1.0, best=False, train_acc=0.5) for e in range(2)]
     sel = Selection(patience=5, min_epochs=3, epochs=10)
-    sel.restore(rows, 0, 0)
-    assert sel.best_scores is None and sel.judge(3, _s(0.1, 9.0))  # epoch 0's AUC 0.9 was never "best"
+    sel.load_state_dict({"best": -1, "state": {}, "since_best": 0}, rows)
+    assert sel.best is None and judge(sel, 3, _s(0.1, 9.0))  # epoch 0's AUC 0.9 was never "best"
     rows[1].best = True
-    sel.restore(rows, 1, 2)
-    assert sel.best_scores == rows[1].val and sel.since_best == 2
+    sel.load_state_dict({"best": 1, "state": {}, "since_best": 2}, rows)
+    assert sel.best is rows[1] and sel.since_best == 2
 
 # ----------------------------------------------------------------------------- the vanilla trainer
 
@@ -184,8 +191,9 @@ def test_bad_vanilla_ema_choices_are_one_line_errors(tmp_path: Path, capsys) -> 
 def test_vanilla_resume_restores_the_ema_update_count(tmp_path: Path) -> None:
     """Interrupted after epoch 2 and resumed: the warm-up goes on at update 3, and the model is the uninterrupted one."""
     from fbta.mil.data import BagDataset, BagItem
-    from fbta.mil.resume import Resumable
-    from fbta.mil.train import FitOptions, fit, seed_everything
+    from fbta.mil.train import FitOptions, fit
+    from fbta.training.loop import seed_everything
+    from fbta.training.resume import Resumable
 
     make_cohort(tmp_path, n_per_class=4)
     labels = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / "labels.csv"))}

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from fbta.io.reports import merge_json
+from fbta.config import InputError
+from fbta.io.reports import publish_metrics, rebuild_metrics
 from fbta.mil.heatmap import localisation, normalise, patch_fraction_inside
 from fbta.mil.metrics import accuracy, binary_auc, confusion_matrix, macro_f1, roc_auc, roc_points, score
 from fbta.mil.splits import SplitParams, draw, fold_assignment, resolve_split
@@ -78,19 +79,22 @@ def test_roc_points_binary_and_one_vs_rest() -> None:
     assert {p["class"] for p in pts3} == {"a", "b", "c"}
 
 
-def test_merge_json_keeps_other_keys_and_refuses_to_overwrite_a_broken_file(tmp_path: Path) -> None:
-    path = tmp_path / "reports/metrics.json"
-    merge_json(path, {"segmentation": {"teacher": {"f1": 0.8}}})
-    merge_json(path, {"classification": {"vanilla": {"auc": 0.9}}})
-    merged = merge_json(path, {"classification": {"vanilla": {"acc": 0.7}, "fbta": {"auc": 0.95}}})
-    assert merged == json.loads(path.read_text()) == {
+def test_metrics_json_is_the_merge_of_the_fragments_and_a_broken_fragment_is_named(tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    publish_metrics(reports, "seg_teacher", {"segmentation": {"teacher": {"f1": 0.8}}})
+    publish_metrics(reports, "evaluate_vanilla", {"classification": {"vanilla": {"auc": 0.9}}})
+    publish_metrics(reports, "infer_fbta", {"classification": {"vanilla": {"acc": 0.7}, "fbta": {"auc": 0.95}}})
+    assert json.loads((reports / "metrics.json").read_text()) == {
         "segmentation": {"teacher": {"f1": 0.8}},
         "classification": {"vanilla": {"auc": 0.9, "acc": 0.7}, "fbta": {"auc": 0.95}},
     }
-    path.write_text("{not json")
-    with pytest.raises(ValueError, match="not overwritten"):
-        merge_json(path, {"x": 1})
-    assert path.read_text() == "{not json"
+    (reports / "metrics" / "infer_fbta.json").unlink()  # a stage removed: its keys go with it
+    assert rebuild_metrics(reports)["classification"] == {"vanilla": {"auc": 0.9}}
+    (reports / "metrics" / "seg_teacher.json").write_text("{not json")
+    before = (reports / "metrics.json").read_text()
+    with pytest.raises(InputError, match="seg_teacher.json: not valid JSON"):
+        publish_metrics(reports, "evaluate_vanilla", {"classification": {"vanilla": {"auc": 0.8}}})
+    assert (reports / "metrics.json").read_text() == before  # nothing half-merged
 
 
 def entries(n_per_class: dict[str, int], **extra) -> dict[str, SlideEntry]:

@@ -18,7 +18,7 @@ from fbta.seg.losses import CE_FORMS, distill_dice_loss, gmp, pixel_ce, soft_dic
 from fbta.seg.metrics import f1_iou, hausdorff, score_image, score_maps
 from fbta.seg.model import save_segmenter
 from fbta.seg.network import SegOutput, SideOutputNet, create_segnet
-from fbta.seg.train import FitOptions, fit_teacher
+from fbta.seg.train import SegOptions, fit_teacher
 
 
 def _out(*maps: torch.Tensor) -> SegOutput:
@@ -235,8 +235,8 @@ def _toy_set(n: int = 8, seed: int = 0) -> PatchSet:
     return PatchSet.from_arrays(images, labels, masks)
 
 
-def _opts(epochs: int) -> FitOptions:
-    return FitOptions(epochs=epochs, lr=1e-3, weight_decay=0.0, batch_size=4, seed=0, sigma=1.0)
+def _opts(epochs: int) -> SegOptions:
+    return SegOptions(epochs=epochs, lr=1e-3, weight_decay=0.0, batch_size=4, seed=0, sigma=1.0)
 
 
 def test_teacher_fit_keeps_the_best_validation_epoch():
@@ -244,8 +244,8 @@ def test_teacher_fit_keeps_the_best_validation_epoch():
     net = _net()
     res = fit_teacher(net, _toy_set(8), _toy_set(4, seed=1), _opts(2), torch.device("cpu"))
     assert len(res.history) == 2
-    assert res.best.f1 == max(e.val.f1 for e in res.history)
-    assert res.history[res.best_epoch - 1].val.f1 == res.best.f1
+    assert res.best.val.f1 == max(e.val.f1 for e in res.history)
+    assert res.history[res.best_epoch - 1].val.f1 == res.best.val.f1
 
 
 def test_role_reversal_swaps_when_the_student_beats_the_best_and_never_crashes_when_it_does_not():
@@ -259,10 +259,48 @@ def test_role_reversal_swaps_when_the_student_beats_the_best_and_never_crashes_w
     torch.manual_seed(0)
     never = fit_distill(_net(), _net(), 2.0, train, val, _opts(2), dopts, torch.device("cpu"))
     assert never.extra["reversals"] == [] and not never.extra["beat_teacher"]
-    assert never.best.f1 == max(e.val.f1 for e in never.history)  # the best student is still returned
+    assert never.best.val.f1 == max(e.val.f1 for e in never.history)  # the best student is still returned
     off = fit_distill(_net(), _net(), -1.0, train, val, _opts(2),
                       DistillOptions(role_reversal=False, weighted_ce=False, kd="blockwise"), torch.device("cpu"))
     assert off.extra["reversals"] == []
+
+
+def _history(res) -> list[dict]:  # noqa: ANN001
+    return [repr({k: v for k, v in e.as_row().items() if k not in ("seconds", "train_seconds")})  # repr: nan == nan
+            for e in res.history]
+
+
+@pytest.mark.parametrize("stage", ["teacher", "distill"])
+def test_a_seg_run_interrupted_midway_resumes_to_the_same_model_history_and_role_reversals(stage, tmp_path):
+    """The one loop's resume.pt for both IKD-MIL stages: weights, optimiser, shuffling RNG, the selection's best
+    and fallback, and (distillation) the swapped teacher, the candidate and the reversals so far."""
+    from fbta.training.resume import Resumable
+
+    train, val = _toy_set(8), _toy_set(4, seed=1)
+    dopts = DistillOptions(reversal_start=1, reversal_every=2, weighted_ce=True)
+
+    def run(resume, stop_at=None):  # noqa: ANN001, ANN202
+        def hook(ep, improved):  # noqa: ANN001
+            if stop_at is not None and ep.epoch == stop_at:
+                raise KeyboardInterrupt  # killed after epoch stop_at − 1's resume.pt
+        torch.manual_seed(0)
+        if stage == "teacher":
+            return fit_teacher(_net(), train, val, _opts(4), torch.device("cpu"), hook, resume=resume)
+        teacher, student = _net(), _net()
+        return fit_distill(teacher, student, -1.0, train, val, _opts(4), dopts, torch.device("cpu"), hook,
+                           resume=resume)
+
+    ref = run(None)
+    path = tmp_path / "resume.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(Resumable(path, "fp"), stop_at=3)
+    assert torch.load(path, weights_only=True)["epoch"] == 1  # loop index of epoch 2 (seg counts from 1)
+    again = run(Resumable(path, "fp"))
+    assert again.resumed_from == 2 and _history(again) == _history(ref)
+    assert again.best_epoch == ref.best_epoch
+    assert all(torch.equal(again.best_state[k], ref.best_state[k]) for k in ref.best_state)
+    if stage == "distill":
+        assert again.extra["reversals"] == ref.extra["reversals"] and ref.extra["reversals"]
 
 
 # ------------------------------------------------------------------------------------------ weak labels (#15)
@@ -316,7 +354,7 @@ def test_train_batches_skip_ambiguous_patches():
     ps = PatchSet.from_arrays(images, (group == POS).astype(float), np.zeros((n, 16, 16), bool), group=group)
     assert ps.counts()["ambiguous"] == 4 and ps.trainable().tolist() == np.flatnonzero(group != AMBIGUOUS).tolist()
     net = _net()
-    opts = FitOptions(epochs=1, lr=1e-3, weight_decay=0.0, batch_size=2, colour=0.1, hed_sigma=0.03)
+    opts = SegOptions(epochs=1, lr=1e-3, weight_decay=0.0, batch_size=2, colour=0.1, hed_sigma=0.03)
     seen = 0
     for _ in range(3):
         for x, y in train_batches(ps, opts, torch.Generator().manual_seed(0), torch.device("cpu"), net):
@@ -376,21 +414,22 @@ def test_ambiguous_patches_are_their_own_group_in_model_scores():
 
 def test_selection_only_considers_epochs_that_beat_the_baselines():
     from fbta.seg.metrics import summarise
-    from fbta.seg.train import EpochLog, Selection
+    from fbta.seg.train import BaselineSelection as Selection
+    from fbta.training.loop import Epoch
 
-    def ep(i: int, f1: float) -> EpochLog:
+    def ep(i: int, f1: float) -> Epoch:
         sc = summarise([])
         sc.f1 = f1
-        return EpochLog(i, 0.0, sc, 0.0)
+        return Epoch(i, 0.0, sc, 0.0)
 
     sel = Selection(0.5)
-    picks = [sel.offer(ep(i + 1, f), lambda i=i: {"epoch": torch.tensor(i + 1)}) for i, f in
+    picks = [sel.judge(ep(i + 1, f), lambda i=i: {"epoch": torch.tensor(i + 1)}) for i, f in
              enumerate([0.45, 0.5, 0.48, 0.62, 0.60, 0.62])]
     assert picks == [False, False, False, True, False, False]  # ties and ≤ floor never selected
     best, state = sel.chosen()
     assert sel.beats_baselines and best.epoch == 4 and int(state["epoch"]) == 4
     never = Selection(0.7)
-    assert not any(never.offer(ep(i + 1, f), lambda i=i: {"epoch": torch.tensor(i + 1)})
+    assert not any(never.judge(ep(i + 1, f), lambda i=i: {"epoch": torch.tensor(i + 1)})
                    for i, f in enumerate([0.45, 0.66, 0.5]))
     best, state = never.chosen()
     assert not never.beats_baselines and best.epoch == 2 and int(state["epoch"]) == 2  # the flagged fallback
@@ -401,30 +440,32 @@ def test_teacher_and_student_selection_refuse_epochs_below_the_baselines():
     torch.manual_seed(0)
     calls: list[bool] = []
     res = fit_teacher(_net(), train, val, _opts(2), torch.device("cpu"), lambda ep, imp: calls.append(imp), floor=2.0)
-    assert not res.beats_baselines and calls == [False, False] and res.floor == 2.0
-    assert res.best.f1 == max(e.val.f1 for e in res.history)  # fallback: kept, but flagged
+    assert not res.extra["beats_baselines"] and calls == [False, False] and res.extra["floor"] == 2.0
+    assert res.best.val.f1 == max(e.val.f1 for e in res.history)  # fallback: kept, but flagged
     auto = fit_teacher(_net(), train, val, _opts(2), torch.device("cpu"))
-    assert auto.floor == pytest.approx(0.5)  # balanced toy val: all-background scores 0.5
-    assert set(auto.baselines) == {"all_background", "all_tumour"}
-    assert not auto.beats_baselines or auto.best.f1 > auto.floor
-    assert all(e.extra["beats_baselines"] == float(e.val.f1 > auto.floor) for e in auto.history)
+    floor = auto.extra["floor"]
+    assert floor == pytest.approx(0.5)  # balanced toy val: all-background scores 0.5
+    assert set(auto.extra["baselines"]) == {"all_background", "all_tumour"}
+    assert not auto.extra["beats_baselines"] or auto.best.val.f1 > floor
+    assert all(e.extra["beats_baselines"] == float(e.val.f1 > floor) for e in auto.history)
     torch.manual_seed(0)
     dist = fit_distill(_net(), _net(), -1.0, train, val, _opts(2), DistillOptions(reversal_start=1, reversal_every=1),
                        torch.device("cpu"), floor=2.0)
-    assert not dist.beats_baselines and dist.extra["reversals"]  # reversal still follows its own rule
+    assert not dist.extra["beats_baselines"] and dist.extra["reversals"]  # reversal still follows its own rule
 
 
 def test_scores_table_and_the_one_line_no_beat_message():
     from fbta.seg.metrics import baseline_scores
     from fbta.stages.seg_common import no_beat_line, scores_table
-    from fbta.seg.train import FitResult
+    from fbta.training.loop import Epoch, FitResult
 
     truth = np.zeros((2, 16, 16), bool)
     truth[0, :8] = True
     base = baseline_scores(truth, 1.0, 0.5)
     table = scores_table("t", {f"baseline_{k}": v for k, v in base.items()})
     assert "baseline_all_background" in table and "baseline_all_tumour" in table and "tF1+" in table
-    res = FitResult({}, 3, base["all_tumour"], [], beats_baselines=False, floor=0.5, baselines=base)
+    res = FitResult([Epoch(3, 0.0, base["all_tumour"], 0.0)], 3, {}, 3,
+                    extra={"beats_baselines": False, "floor": 0.5, "baselines": base})
     line = no_beat_line("seg-teacher", res)
     assert len(line.splitlines()) == 1 and "beats_baselines=false" in line and "epoch 3" in line
 

@@ -15,8 +15,10 @@ feature dimension D**, then averaged over the C·M instances and the K heads
 would shrink the term ~D-fold (1/1280 for EfficientNet-Lite0) and leave the
 translator to L_cls alone, so F_TB would never approach TFE*.
 
-The EMA teachers (MIL*, TFE*) are updated by the trainer through the shared
-:class:`fbta.mil.train.EMA` (the vanilla trainer's too), not here.
+The EMA teachers (MIL*, TFE*) are updated by the training loop through the one
+:class:`fbta.training.ema.EMA` (the vanilla trainer's too), not here; bf16
+autocast, ``backward`` and the time split are the loop's too (fbta/training/loop.py,
+fbta/e2e/timing.py).
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ from torch import nn
 
 from fbta.features.augment import Augment
 from fbta.e2e.pseudobags import PseudoBag
+from fbta.e2e.timing import fbta_timer, split
 from fbta.e2e.translator import Translator
 from fbta.features.registry import Extractor
 from fbta.mil.registry import MILHead
-from fbta.mil.train import ema_update, frozen_copy as _frozen_copy
+from fbta.training.ema import ema_update, frozen_copy as _frozen_copy
 
 VIEWS = ("fb", "eb", "tb")
 
@@ -53,7 +56,7 @@ class FBTAModels:
         self.tfe_ema = frozen_copy(self.tfe)
 
     def teachers(self) -> list[tuple[nn.Module, nn.Module]]:
-        """(teacher, student) pairs for :class:`fbta.mil.train.EMA`."""
+        """(teacher, student) pairs for :class:`fbta.training.ema.EMA`."""
         return [(self.mil_ema, self.mil), (self.tfe_ema, self.tfe)]
 
     def update_ema(self, alpha: float) -> None:
@@ -96,67 +99,53 @@ def distillation_loss(heads: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return (heads - target.unsqueeze(0)).pow(2).sum(-1).mean()
 
 
-def _sync(device: torch.device) -> float:
-    """A timestamp that includes queued GPU work (for the step-time split)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def fbta_step(m: FBTAModels, bag: PseudoBag, t_over_T: float, opts: StepOptions, device: torch.device,
-              gen: Optional[torch.Generator] = None) -> dict[str, float]:
-    """Forward the three views, compute the three losses and call ``backward`` once (no optimiser step here).
-
-    Returns the loss terms and where the time went (extractor, translator, MIL).
-    """
-    # bfloat16 autocast only: no loss scaling is needed (float16 without a GradScaler can underflow)
-    use_amp = autocast_enabled(opts, device)
+def fbta_losses(m: FBTAModels, bag: PseudoBag, t_over_T: float, opts: StepOptions, device: torch.device,
+                gen: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Three views, three losses: ``(L, its terms)``. The training loop owns autocast, ``backward`` and timing."""
     y = bag.label.to(device).view(1)
-    t0 = _sync(device)
     f_fb = bag.features.to(device, non_blocking=True)  # frozen bag F_FB (all N patches)
     f_sb = f_fb[bag.idx.to(device)]  # the pseudo-bag's frozen features F_SB
     x_sb = bag.pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)  # X_SB in [0, 1]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        f_eb = m.tfe(m.tfe.preprocess(opts.augment(x_sb, gen))).float()  # end-to-end bag F_EB
-        with torch.no_grad():
-            target = m.tfe_ema(m.tfe_ema.preprocess(x_sb)).float()  # TFE*(X_SB), not augmented
-    t1 = _sync(device)
-    heads = m.translator.heads(f_sb)  # K×n×D
+    f_eb = m.tfe(m.tfe.preprocess(opts.augment(x_sb, gen))).float()  # end-to-end bag F_EB
+    with torch.no_grad():
+        target = m.tfe_ema(m.tfe_ema.preprocess(x_sb)).float()  # TFE*(X_SB), not augmented
+    heads = m.translator.heads(f_sb).float()  # K×n×D
     f_tb = heads.mean(0)  # translation bag F_TB
     l_dist = distillation_loss(heads, target)
-    t2 = _sync(device)
     bags = {"fb": f_fb, "eb": f_eb, "tb": f_tb}
     l_cls = torch.zeros((), device=device)
     l_cons = torch.zeros((), device=device)
     per_view: dict[str, torch.Tensor] = {}  # CE of each view (diagnostics)
-    first_pred = -1  # train accuracy: the first view's prediction
+    correct = 0.0
     for v in opts.views:
         logits = m.mil(bags[v]).logits.float()
-        if first_pred < 0:
-            first_pred = int(logits.detach().argmax(-1).item())
-        ce = F.cross_entropy(logits, y)
-        per_view[f"l_cls_{v}"] = ce.detach()
+        per_view[f"l_cls_{v}"] = ce = F.cross_entropy(logits, y)
         l_cls = l_cls + ce
         if opts.consistency:
             with torch.no_grad():
                 teacher = m.mil_ema(bags[v]).logits.float().softmax(-1)
             l_cons = l_cons + (1.0 - F.cosine_similarity(logits.softmax(-1), teacher, dim=-1)).mean()
+        if len(per_view) == 1:  # train accuracy: the first view's prediction
+            correct = float(int(logits.detach().argmax(-1).item()) == int(y.item()))
     loss = l_dist + l_cls + t_over_T * l_cons
     if not torch.isfinite(loss):
         raise FloatingPointError(f"FBTA loss is {loss.item()} (L_dist {l_dist.item():.4g}, L_cls {l_cls.item():.4g}, "
                                  f"L_cons {l_cons.item():.4g}); lower the learning rates")
-    t3 = _sync(device)
-    loss.backward()
-    t4 = _sync(device)
-    # backward time is shared out by the forward share of each part: a rough but honest split
-    fwd = max(t1 - t0, 1e-9) + max(t2 - t1, 1e-9) + max(t3 - t2, 1e-9)
-    back = t4 - t3
-    return {
-        "loss": loss.item(), "l_cls": l_cls.item(), "l_dist": l_dist.item(), "l_cons": l_cons.item(),
-        **{k: c.item() for k, c in per_view.items()},
-        "correct": float(first_pred == int(y.item())),
-        "extractor_s": (t1 - t0) + back * (t1 - t0) / fwd,
-        "translator_s": (t2 - t1) + back * (t2 - t1) / fwd,
-        "mil_s": (t3 - t2) + back * (t3 - t2) / fwd,
-        "n_subset": float(bag.idx.numel()), "n_patches": float(f_fb.shape[0]),
-    }
+    return loss, {"l_cls": l_cls.item(), "l_dist": l_dist.item(), "l_cons": l_cons.item(),
+                  **{k: c.item() for k, c in per_view.items()}, "correct": correct,
+                  "n_subset": float(bag.idx.numel()), "n_patches": float(f_fb.shape[0])}
+
+
+def fbta_step(m: FBTAModels, bag: PseudoBag, t_over_T: float, opts: StepOptions, device: torch.device,
+              gen: Optional[torch.Generator] = None) -> dict[str, float]:
+    """One step as the training loop runs it — autocast, :func:`fbta_losses`, one ``backward`` (no optimiser
+    step) — with the time split; for tests and benchmarks that look at a single step."""
+    with fbta_timer(m, device) as timer:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_enabled(opts, device)):
+            loss, terms = fbta_losses(m, bag, t_over_T, opts, device, gen)
+        t0 = time.perf_counter()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        backward_s = time.perf_counter() - t0
+        return {"loss": loss.item(), **terms, **split(timer.forward(), backward_s)}

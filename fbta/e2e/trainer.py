@@ -1,40 +1,43 @@
-"""The FBTA training loop: epochs of pseudo-bag steps, EMA teachers, validation on the deployed path.
+"""FBTA as a method of the one training loop: pseudo-bag steps, EMA teachers, validation on the deployed path.
 
 Why validate through the translator: what ships is ``MIL*(translator(F_FB))``
 over cached frozen features (METHODS.md A, inference), so model selection and
 early stopping judge exactly that, never the end-to-end view.
 
-Shared with the vanilla trainer (fbta/mil/train.py), so a comparison differs
-only in the method: the EMA (:class:`~fbta.mil.train.EMA`: per epoch or per
-step, α, optional warm-up; its update count is saved in resume.pt) and the
-selection rule (:class:`~fbta.mil.train.Selection`: nothing before
-``train.min_epochs`` is "best" or counts toward patience).
+Shared with the vanilla trainer through fbta/training/loop.py, so a comparison
+differs only in the method: the same EMA (:class:`~fbta.training.ema.EMA`: per
+epoch or per step, α, optional warm-up; its update count is saved in
+resume.pt) and the same selection rule (:class:`~fbta.mil.train.AUCSelection`:
+nothing before ``train.min_epochs`` is "best" or counts toward patience).
 
 Every epoch's record (``extra``: history.csv, MLflow, the progress bar) carries
 the diagnostics of fbta/e2e/diagnostics.py: ``gap_ratio`` and ``tfe_drift`` on
 fixed validation patches, ``l_cls_fb|eb|tb``, ``l_dist``, ``l_cons`` (means over
-the epoch's steps), ``tumour_share`` of the pseudo-bags and ``ema_decay``.
+the epoch's steps), ``tumour_share`` of the pseudo-bags, ``ema_decay`` and the
+step-time split (fbta/e2e/timing.py).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from fbta.e2e.classifier import SlideClassifier
 from fbta.e2e.diagnostics import ProbePatches, gap_and_drift, tumour_share
 from fbta.e2e.pseudobags import EpochPlan, PseudoBags
-from fbta.e2e.step import FBTAModels, StepOptions, fbta_step
+from fbta.e2e.step import FBTAModels, StepOptions, autocast_enabled, fbta_losses
+from fbta.e2e.timing import PARTS, fbta_timer, split
 from fbta.features.registry import Extractor
 from fbta.mil.data import BagDataset
-from fbta.mil.metrics import score
-from fbta.mil.resume import Resumable
-from fbta.mil.train import EMA, EMA_EVERY, Epoch, FitResult, Selection, predict
+from fbta.mil.metrics import Scores, score
+from fbta.mil.train import AUCSelection, cpu_state, predict
+from fbta.training.ema import EMA, EMA_EVERY
+from fbta.training.loop import Epoch, FitResult, LoopOptions, Method, State, fit_loop
+from fbta.training.resume import Parts, Resumable
 
 
 @dataclass(frozen=True)
@@ -114,11 +117,74 @@ def _optimiser(m: FBTAModels, o: FBTAOptions) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, weight_decay=o.weight_decay)
 
 
-def _snapshot(m: FBTAModels) -> dict[str, dict[str, torch.Tensor]]:
-    def cpu(mod: nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in mod.state_dict().items()}
+class FBTA(Method):
+    """One pseudo-bag per step (:func:`~fbta.e2e.step.fbta_losses`); validation through translator → MIL*."""
 
-    return {"mil": cpu(m.mil_ema), "translator": cpu(m.translator), "extractor": cpu(m.tfe_ema)}
+    scores_type = Scores
+
+    def __init__(self, m: FBTAModels, train: PseudoBags, val: BagDataset, classes: list[str], o: FBTAOptions,
+                 device: torch.device, probe: Optional[ProbePatches]) -> None:
+        for mod in (m.mil, m.translator, m.tfe, m.mil_ema, m.tfe_ema):
+            mod.to(device)
+        self.m, self.val, self.classes, self.o, self.device, self.probe = m, val, classes, o, device, probe
+        self.optimiser = _optimiser(m, o)
+        self.ema = EMA(m.teachers(), o.ema_alpha, o.ema_every, o.ema_warmup)
+        self.plan = EpochPlan(train.labels, o.seed, o.balanced)
+        # the loader's own generator: worker seeds must not draw from the global RNG that dropout uses, or a
+        # resumed run (whose persistent workers start at a later epoch) would drift from an uninterrupted one
+        self.loader = DataLoader(train, batch_size=None, sampler=self.plan, num_workers=o.num_workers,
+                                 persistent_workers=o.num_workers > 0,
+                                 prefetch_factor=o.prefetch if o.num_workers > 0 else None,
+                                 pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(o.seed + 3))
+        self.gen = torch.Generator().manual_seed(o.seed + 2)  # augmentation draws, apart from dropout's global RNG
+        self.timer = fbta_timer(m, device)
+
+    def parts(self) -> Parts:
+        m = self.m
+        return {"mil": m.mil, "translator": m.translator, "tfe": m.tfe, "mil_ema": m.mil_ema,
+                "tfe_ema": m.tfe_ema}, {"adam": self.optimiser}, {"augment": self.gen}
+
+    def batches(self, epoch: int) -> Iterable[Any]:
+        self.plan.set_epoch(epoch)
+        train_mode(self.m)
+        return self.loader
+
+    def step(self, bag: Any, epoch: int) -> tuple[Tensor, dict[str, float]]:
+        self.timer.reset()
+        loss, terms = fbta_losses(self.m, bag, epoch / self.o.epochs, self.o.step, self.device, self.gen)
+        return loss, {**terms, **self.timer.forward(), "read_s": bag.read_seconds, "n_tumour": bag.n_tumour}
+
+    def validate(self) -> Scores:
+        probs, _ = predict(deployed(self.m, self.classes), self.val, self.device)
+        return score(self.val.labels, probs)
+
+    def snapshot(self) -> State:
+        m = self.m
+        return {"mil": cpu_state(m.mil_ema), "translator": cpu_state(m.translator), "extractor": cpu_state(m.tfe_ema)}
+
+    def epoch_extra(self, rows: list[dict[str, float]], val: Any) -> dict[str, float]:
+        """The epoch's means over steps (loss terms, per-view CE, time split), tumour share; gap and drift."""
+        for r in rows:
+            r.update(split(r, r["backward_s"]), sampling_s=r["data_s"])
+        extra = {k: float(np.mean([r[k] for r in rows])) for k in _MEANS if rows and k in rows[0]}
+        share = tumour_share([r["n_tumour"] for r in rows], [r["n_subset"] for r in rows])
+        if share is not None:
+            extra["tumour_share"] = share
+        if self.probe is not None:
+            extra.update(gap_and_drift(self.m.tfe_ema, self.m.translator, self.probe, self.device))
+        return extra
+
+    def postfix(self, record: Epoch) -> dict[str, str]:
+        """The progress bar's short summary of an epoch."""
+        e = record.extra
+        out = {"loss": f"{record.train_loss:.3f}", "dist": f"{e['l_dist']:.3g}"}
+        if "gap_ratio" in e:
+            out["gap"] = f"{e['gap_ratio']:.2f}"
+            out["drift"] = f"{e['tfe_drift']:.2g}"
+        if "tumour_share" in e:
+            out["tum"] = f"{e['tumour_share']:.2f}"
+        out["val_auc"] = f"{record.val.auc:.3f}"
+        return out
 
 
 def fit_fbta(m: FBTAModels, train: PseudoBags, val: BagDataset, classes: list[str], o: FBTAOptions,
@@ -136,91 +202,13 @@ def fit_fbta(m: FBTAModels, train: PseudoBags, val: BagDataset, classes: list[st
         raise ValueError(f"training needs train and validation slides (got {len(train)} and {len(val)})")
     if o.ema_every not in EMA_EVERY:
         raise ValueError(f"fbta.ema_every='{o.ema_every}' must be one of {', '.join(EMA_EVERY)}")
-    from tqdm.auto import tqdm
-
-    for mod in (m.mil, m.translator, m.tfe, m.mil_ema, m.tfe_ema):
-        mod.to(device)
-    optimiser = _optimiser(m, o)
-    ema = EMA(m.teachers(), o.ema_alpha, o.ema_every, o.ema_warmup)
-    plan = EpochPlan(train.labels, o.seed, o.balanced)
-    # the loader's own generator: worker seeds must not draw from the global RNG that dropout uses, or a
-    # resumed run (whose persistent workers start at a later epoch) would drift from an uninterrupted one
-    loader = DataLoader(train, batch_size=None, sampler=plan, num_workers=o.num_workers,
-                        persistent_workers=o.num_workers > 0, prefetch_factor=o.prefetch if o.num_workers > 0 else None,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(o.seed + 3))
-    gen = torch.Generator().manual_seed(o.seed + 2)  # augmentation draws, apart from dropout's global RNG
-    history: list[Epoch] = []
-    select = Selection(o.patience, o.min_epochs, o.epochs)
-    best_states, start = _snapshot(m), 0
-    if resume is not None:
-        parts = {"mil": m.mil, "translator": m.translator, "tfe": m.tfe, "mil_ema": m.mil_ema, "tfe_ema": m.tfe_ema,
-                 "ema_state": ema}
-        point = resume.start(parts, {"adam": optimiser}, {"augment": gen}, o.patience, o.epochs)
-        if point is not None:
-            history, best_epoch, best_states, _, since_best, start = point
-            select.restore(history, best_epoch, since_best)
-    resumed_from = start
-    bar = tqdm(range(start, o.epochs), desc="train fbta", unit="epoch", disable=not o.progress,
-               dynamic_ncols=True, initial=start, total=o.epochs)
-    for epoch in bar:
-        t_epoch = time.perf_counter()
-        plan.set_epoch(epoch)
-        train_mode(m)
-        rows: list[dict[str, float]] = []
-        t_ready = time.perf_counter()
-        for bag in loader:
-            wait = time.perf_counter() - t_ready
-            optimiser.zero_grad(set_to_none=True)
-            stats = fbta_step(m, bag, epoch / o.epochs, o.step, device, gen)
-            optimiser.step()
-            ema.after_step()
-            rows.append({**stats, "sampling_s": wait, "read_s": bag.read_seconds, "n_tumour": bag.n_tumour})
-            t_ready = time.perf_counter()
-        ema.after_epoch()
-        probs, _ = predict(deployed(m, classes), val, device)
-        val_scores = score(val.labels, probs)
-        improved = select.judge(epoch, val_scores)
-        extra = _epoch_extra(rows, ema)
-        if probe is not None:
-            extra.update(gap_and_drift(m.tfe_ema, m.translator, probe, device))
-        record = Epoch(epoch, float(np.mean([r["loss"] for r in rows])), float(np.mean([r["correct"] for r in rows])),
-                       val_scores, time.perf_counter() - t_epoch, improved, extra=extra)
-        history.append(record)
-        if improved:
-            best_states = _snapshot(m)
-        bar.set_postfix({**_postfix(record), "best": select.best_epoch})
-        if on_epoch is not None:
-            on_epoch(record, best_states if improved else None)
-        if resume is not None:
-            resume.save(epoch, history, select.best_epoch, best_states, select.since_best)
-        if select.stop:
-            break
-    bar.close()
-    return FitResult(history, select.best_epoch, best_states, o.epochs, resumed_from)  # type: ignore[arg-type]
+    method = FBTA(m, train, val, classes, o, device, probe)
+    loop = LoopOptions(o.epochs, "train fbta", o.progress, amp=autocast_enabled(o.step, device), device=device)
+    try:
+        return fit_loop(method, loop, AUCSelection(o.patience, o.min_epochs, o.epochs), method.ema, resume, on_epoch)
+    finally:
+        method.timer.close()
 
 
-_MEANS = ("l_cls", "l_cls_fb", "l_cls_eb", "l_cls_tb", "l_dist", "l_cons", "extractor_s", "translator_s", "mil_s",
+_MEANS = ("l_cls", "l_cls_fb", "l_cls_eb", "l_cls_tb", "l_dist", "l_cons", *(f"{p}_s" for p in PARTS),
           "sampling_s", "read_s", "n_subset", "n_patches")
-
-
-def _epoch_extra(rows: list[dict[str, float]], ema: EMA) -> dict[str, float]:
-    """The epoch's means over steps (loss terms, per-view CE, time split), tumour share and EMA decay."""
-    extra = {k: float(np.mean([r[k] for r in rows])) for k in _MEANS if k in rows[0]}
-    share = tumour_share([r["n_tumour"] for r in rows], [r["n_subset"] for r in rows])
-    if share is not None:
-        extra["tumour_share"] = share
-    extra["ema_decay"] = ema.last_decay  # the decay of the epoch's last EMA update
-    return extra
-
-
-def _postfix(record: Epoch) -> dict[str, str]:
-    """The progress bar's short summary of an epoch."""
-    e = record.extra
-    out = {"loss": f"{record.train_loss:.3f}", "dist": f"{e['l_dist']:.3g}"}
-    if "gap_ratio" in e:
-        out["gap"] = f"{e['gap_ratio']:.2f}"
-        out["drift"] = f"{e['tfe_drift']:.2g}"
-    if "tumour_share" in e:
-        out["tum"] = f"{e['tumour_share']:.2f}"
-    out["val_auc"] = f"{record.val.auc:.3f}"
-    return out

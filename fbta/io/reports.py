@@ -1,32 +1,24 @@
-"""Report files several stages share: ``reports/metrics.json`` is merged into, never overwritten.
+"""Report files several stages share: ``reports/metrics.json`` has one writer, :func:`rebuild_metrics`.
 
-Why a lock: ``dvc exp run --jobs`` or two shells may evaluate at once; the
-read-modify-write of metrics.json is serialised with ``flock`` on a sidecar
-file, and the write itself is atomic, so a reader never sees half a file and
-no writer drops another's keys.
+Each metrics-producing stage writes only its fragment ``reports/metrics/<stage>.json``
+(the file it declares to DVC); metrics.json is always the merge of the fragments,
+rebuilt by ``fbta report`` (its DVC owner) and, so that a stage run by hand shows up
+at once, by :func:`publish_metrics` through the same function. The rebuild is
+serialised by a lock (``dvc exp run --jobs`` or two shells may publish at once) and
+written atomically, so a reader never sees half a file and a key no fragment
+carries any more (a removed stage, an old run) does not linger.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import io
 import json
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+from fbta.config import InputError
 from fbta.io.atomic import atomic_write_text
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+from fbta.io.lock import file_lock
 
 
 def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -35,27 +27,6 @@ def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any
     for k, v in update.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
     return out
-
-
-def merge_json(path: str | Path, update: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge ``update`` into the JSON object at ``path`` (created if missing); return the result.
-
-    A file that exists but is not a JSON object is an error, not something to
-    overwrite: it holds other stages' results.
-    """
-    path = Path(path)
-    with _locked(path):
-        current: dict[str, Any] = {}
-        if path.exists():
-            try:
-                current = json.loads(path.read_text() or "{}")
-            except ValueError as exc:
-                raise ValueError(f"{path}: not valid JSON ({exc}); fix or remove it — it is not overwritten") from None
-            if not isinstance(current, dict):
-                raise ValueError(f"{path}: expected a JSON object, found {type(current).__name__}")
-        merged = deep_merge(current, update)
-        atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    return merged
 
 
 def write_csv(dest: str | Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None) -> None:
@@ -69,17 +40,29 @@ def write_csv(dest: str | Path, rows: Sequence[Mapping[str, Any]], fields: Seque
     atomic_write_text(dest, buf.getvalue())
 
 
-def publish_metrics(reports_dir: str | Path, fragment: str, update: Mapping[str, Any]) -> Path:
-    """Write ``reports/metrics/<fragment>.json`` and merge the same keys into ``reports/metrics.json``.
+def rebuild_metrics(reports_dir: str | Path) -> dict[str, Any]:
+    """Deep-merge ``reports/metrics/*.json`` (sorted by name) into ``reports/metrics.json``, atomically, locked."""
+    reports_dir = Path(reports_dir)
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(reports_dir / ".metrics.json.lock"):
+        merged: dict[str, Any] = {}
+        for frag in sorted((reports_dir / "metrics").glob("*.json")):
+            try:
+                data = json.loads(frag.read_text())
+            except ValueError as exc:
+                raise InputError(f"{frag}: not valid JSON ({exc}); re-run the stage that writes it") from None
+            if not isinstance(data, dict):
+                raise InputError(f"{frag}: expected a JSON object, found {type(data).__name__}")
+            merged = deep_merge(merged, data)
+        atomic_write_text(reports_dir / "metrics.json", json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    return merged
 
-    Why both: DVC lets only one stage own a file, so each stage declares its own
-    fragment as its DVC metrics and the ``report`` stage rebuilds metrics.json
-    from all fragments; a user running one command by hand still sees
-    metrics.json updated at once.
-    """
+
+def publish_metrics(reports_dir: str | Path, fragment: str, update: Mapping[str, Any]) -> Path:
+    """Write ``reports/metrics/<fragment>.json`` (the stage's DVC metrics), then rebuild ``reports/metrics.json``."""
     reports_dir = Path(reports_dir)
     dest = reports_dir / "metrics" / f"{fragment}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(dest, json.dumps(dict(update), indent=2, sort_keys=True) + "\n")
-    merge_json(reports_dir / "metrics.json", update)
+    rebuild_metrics(reports_dir)
     return dest

@@ -10,23 +10,26 @@ student becomes the frozen teacher and the old teacher becomes the trainable
 student (fresh optimiser). If no student ever beats it, nothing is swapped —
 the authors' code would load a checkpoint that was never written.
 
-The student returned is selected like the teacher (``fbta.seg.train.Selection``):
+The student returned is selected like the teacher (``fbta.seg.train.BaselineSelection``):
 best validation F1 among the epochs that beat both trivial baselines, else a
-fallback flagged ``beats_baselines=False``.
+fallback flagged ``beats_baselines=False``. The epochs run in the one training
+loop; the role-reversal state (best so far, the candidate, the swaps) is saved in
+resume.pt with the rest.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
+from torch import Tensor
 
 from fbta.seg.dataset import PatchSet
 from fbta.seg.losses import distill_dice_loss, weighted_ce
 from fbta.seg.network import SideOutputNet
-from fbta.seg.train import EpochLog, FitOptions, FitResult, Selection, State, epoch_bar, epoch_line, evaluate, \
-    make_optimizer, state_copy, train_batches, validation_floor
+from fbta.seg.train import SegMethod, SegOptions, State, make_optimizer, run_seg, state_copy
+from fbta.training.loop import Epoch, FitResult
+from fbta.training.resume import Parts, Resumable
 
 
 @dataclass
@@ -44,81 +47,80 @@ class DistillOptions:
         return self.role_reversal and epoch >= self.reversal_start and (epoch - self.reversal_start) % every == 0
 
 
+class SegDistill(SegMethod):
+    """Fusion-KD (+ the optional weighted CE) from a frozen teacher; role reversal after selection."""
+
+    stage = "seg-distill"
+
+    def __init__(self, teacher: SideOutputNet, student: SideOutputNet, teacher_f1: float, train: PatchSet,
+                 val: PatchSet, opts: SegOptions, dopts: DistillOptions, device: torch.device,
+                 floor: Optional[float]) -> None:
+        super().__init__(student, train, val, opts, device, floor)
+        self.teacher, self.dopts, self.teacher_f1 = teacher.to(device).eval().requires_grad_(False), dopts, teacher_f1
+        student.requires_grad_(True)
+        self.best_so_far = teacher_f1  # the teacher's included (METHODS.md B)
+        self.candidate: Optional[State] = None  # best student since the last check that beat best_so_far
+        self.reversals: list[dict[str, float]] = []
+
+    def parts(self) -> Parts:
+        modules, optimisers, generators = super().parts()
+        return {**modules, "teacher": self.teacher}, optimisers, generators
+
+    def step(self, batch: Any, epoch: int) -> tuple[Tensor, dict[str, float]]:
+        x, y = batch
+        with torch.no_grad():
+            t_out = self.teacher(x)
+        s_out = self.net(x)
+        loss = distill_dice_loss(s_out, t_out, y, self.dopts.kd)
+        if not self.dopts.weighted_ce:
+            return loss, {}
+        ce = weighted_ce(s_out.fused, t_out.fused, self.opts.threshold, self.dopts.ce_form)
+        return loss + self.dopts.ce_weight * len(x) * ce, {"ce": float(ce.detach())}
+
+    def epoch_extra(self, rows: list[dict[str, float]], val: Any) -> dict[str, float]:
+        ce = sum(r.get("ce", 0.0) for r in rows) / max(len(rows), 1)
+        return {"ce": round(ce, 6), **super().epoch_extra(rows, val)}
+
+    def after_judge(self, record: Epoch, improved: bool, snapshot: Callable[[], State]) -> list[str]:
+        """Role reversal on the check epochs: the best student since the last check becomes the teacher."""
+        if record.val.f1 > self.best_so_far:
+            self.best_so_far, self.candidate = record.val.f1, snapshot()
+        swapped = self.dopts.check_epoch(record.epoch) and self.candidate is not None
+        if swapped:
+            old_teacher = state_copy(self.teacher)
+            self.teacher.load_state_dict(self.candidate)
+            self.teacher.eval().requires_grad_(False)
+            self.net.load_state_dict(old_teacher)
+            self.net.requires_grad_(True)
+            self.optimiser = make_optimizer(self.net, self.opts)
+            self.reversals.append({"epoch": record.epoch, "new_teacher_val_f1": round(self.best_so_far, 6)})
+            self.candidate = None
+        record.extra.update({"best_so_far": round(self.best_so_far, 6), "reversal": float(swapped)})
+        return [f"seg-distill: epoch {record.epoch}: role reversal — the best student (val F1 "
+                f"{self.best_so_far:.3f}) is now the teacher"] if swapped else []
+
+    def postfix(self, record: Epoch) -> dict[str, str]:
+        return {**super().postfix(record), "best": f"{self.best_so_far:.3f}", "swaps": str(len(self.reversals))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_so_far": self.best_so_far, "candidate": self.candidate or {}, "reversals": self.reversals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_so_far, self.reversals = float(state["best_so_far"]), list(state["reversals"])
+        self.candidate = state["candidate"] or None
+
+    def result_extra(self) -> dict[str, Any]:
+        return {**super().result_extra(), "reversals": self.reversals, "best_val_f1_overall": self.best_so_far,
+                "teacher_val_f1": self.teacher_f1, "beat_teacher": self.best_so_far > self.teacher_f1}
+
+
 def fit_distill(teacher: SideOutputNet, student: SideOutputNet, teacher_f1: float, train: PatchSet, val: PatchSet,
-                opts: FitOptions, dopts: DistillOptions, device: torch.device,
-                on_epoch: Optional[Callable[[EpochLog, bool], None]] = None,
-                floor: Optional[float] = None) -> FitResult:
+                opts: SegOptions, dopts: DistillOptions, device: torch.device,
+                on_epoch: Optional[Callable[[Epoch, bool], None]] = None,
+                floor: Optional[float] = None, resume: Optional[Resumable] = None) -> FitResult:
     """Distil; return the student with the best validation F1 among the epochs beating the trivial baselines
     (whether or not it beat the teacher). ``floor``: the score to beat; None = the better baseline on ``val``."""
     if dopts.kd not in ("fusion", "blockwise"):
         raise ValueError(f"seg.distill.kd='{dopts.kd}' must be fusion or blockwise")
-    gen = torch.Generator().manual_seed(opts.seed)
-    teacher.to(device).eval().requires_grad_(False)
-    student.to(device).requires_grad_(True)
-    opt = make_optimizer(student, opts)
-    best_so_far = teacher_f1  # the teacher's included (METHODS.md B)
-    candidate: Optional[State] = None  # best student since the last check that beat best_so_far
-    floor, baselines = validation_floor(val, opts, floor)
-    sel = Selection(floor)
-    history: list[EpochLog] = []
-    reversals: list[dict[str, float]] = []
-    bar = epoch_bar(opts, "seg-distill")
-    for epoch in range(1, opts.epochs + 1):
-        t0 = time.perf_counter()
-        student.train()
-        total, steps, ce_total = 0.0, 0, 0.0
-        for x, y in train_batches(train, opts, gen, device, student):
-            with torch.no_grad():
-                t_out = teacher(x)
-            s_out = student(x)
-            loss = distill_dice_loss(s_out, t_out, y, dopts.kd)
-            if dopts.weighted_ce:
-                ce = weighted_ce(s_out.fused, t_out.fused, opts.threshold, dopts.ce_form)
-                loss = loss + dopts.ce_weight * len(x) * ce
-                ce_total += float(ce.detach())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, steps = total + float(loss.detach()), steps + 1
-        train_s = time.perf_counter() - t0
-        scores, _ = evaluate(student, val, opts, device)
-        ep = EpochLog(epoch, total / max(steps, 1), scores, 0.0,
-                      {"train_seconds": round(train_s, 2), "ce": round(ce_total / max(steps, 1), 6),
-                       "baseline_val_f1": round(floor, 6), "beats_baselines": float(scores.f1 > floor)})
-        copied: list[State] = []
-
-        def epoch_state() -> State:  # one copy per epoch at most, taken before any swap
-            if not copied:
-                copied.append(state_copy(student))
-            return copied[0]
-
-        improved = sel.offer(ep, epoch_state)
-        if scores.f1 > best_so_far:
-            best_so_far, candidate = scores.f1, epoch_state()
-        swapped = 0.0
-        if dopts.check_epoch(epoch) and candidate is not None:
-            old_teacher = state_copy(teacher)
-            teacher.load_state_dict(candidate)
-            teacher.eval().requires_grad_(False)
-            student.load_state_dict(old_teacher)
-            student.requires_grad_(True)
-            opt = make_optimizer(student, opts)
-            reversals.append({"epoch": epoch, "new_teacher_val_f1": round(best_so_far, 6)})
-            candidate, swapped = None, 1.0
-        ep.seconds = time.perf_counter() - t0
-        ep.extra.update({"best_so_far": round(best_so_far, 6), "reversal": swapped})
-        history.append(ep)
-        if on_epoch is not None:
-            on_epoch(ep, improved)
-        bar.update(1)
-        bar.set_postfix(loss=f"{ep.loss:.3f}", val_f1=f"{scores.f1:.3f}", best=f"{best_so_far:.3f}",
-                        swaps=len(reversals))
-        bar.write(epoch_line("seg-distill", ep, opts.epochs, floor, improved))
-        if swapped:
-            bar.write(f"seg-distill: epoch {epoch}: role reversal — the best student (val F1 {best_so_far:.3f}) "
-                      "is now the teacher")
-    bar.close()
-    assert history, "seg.distill.epochs must be ≥ 1"
-    return sel.result(history, baselines,
-                      {"reversals": reversals, "best_val_f1_overall": best_so_far, "teacher_val_f1": teacher_f1,
-                       "beat_teacher": best_so_far > teacher_f1})
+    method = SegDistill(teacher, student, teacher_f1, train, val, opts, dopts, device, floor)
+    return run_seg(method, opts, device, on_epoch, resume)

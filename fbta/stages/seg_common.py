@@ -1,6 +1,8 @@
 """Plumbing shared by ``fbta seg-teacher`` and ``fbta seg-distill``: config checks, patch caches, outputs."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -10,7 +12,7 @@ from typing import Any, Mapping, Optional
 import h5py
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fbta.config import ConfigError, InputError
 from fbta.device import resolve_device  # noqa: F401 (re-exported: one resolver)
@@ -22,11 +24,13 @@ from fbta.seg.dataset import SPLITS, CohortPaths, PatchSet, SlidePatchIndex, Wea
 from fbta.seg.metrics import AMBIGUOUS, POS, SegScores, baseline_scores, binarise
 from fbta.seg.model import predict_fused
 from fbta.seg.network import SideOutputNet
-from fbta.seg.train import EpochLog, FitOptions
+from fbta.seg.train import SegOptions
 from fbta.slides.cohort import CohortError, read_labels
 from fbta.stages.common import out_dir
 from fbta.stages.milrun import split_params
 from fbta.status import StageReport
+from fbta.training.loop import Epoch
+from fbta.training.resume import RESUME, Resumable
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -62,10 +66,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"seg.backbone='{s.backbone}' is not an extractor; choose one of {', '.join(list_extractors())}")
 
 
-def fit_options(cfg: DictConfig, stage: str) -> FitOptions:
+def fit_options(cfg: DictConfig, stage: str) -> SegOptions:
     s = cfg.seg
     sub = s.teacher if stage == "teacher" else s.distill
-    return FitOptions(epochs=sub.epochs, lr=sub.lr, weight_decay=sub.weight_decay, batch_size=s.batch_size,
+    return SegOptions(epochs=sub.epochs, lr=sub.lr, weight_decay=sub.weight_decay, batch_size=s.batch_size,
                       input_size=s.input_size, augment=s.augment, colour=s.colour_jitter, hed_sigma=s.hed_sigma,
                       seed=sub.seed, sigma=s.sigma,
                       threshold=s.threshold, progress=cfg.run.progress,
@@ -186,13 +190,14 @@ def scores_table(title: str, rows: Mapping[str, SegScores]) -> str:
 
 def no_beat_line(stage: str, result: Any) -> str:
     """The ONE line a stage prints when no epoch beat the trivial baselines on validation."""
-    best = max(result.baselines.items(), key=lambda kv: kv[1].f1)[0] if result.baselines else "baseline"
-    return (f"{stage}: no epoch beat the trivial baselines on validation (best val F1 {result.best.f1:.3f} ≤ "
-            f"{result.floor:.3f}, {best}); kept epoch {result.best_epoch} as a fallback marked "
+    baselines = result.extra.get("baselines") or {}
+    best = max(baselines.items(), key=lambda kv: kv[1].f1)[0] if baselines else "baseline"
+    return (f"{stage}: no epoch beat the trivial baselines on validation (best val F1 {result.best.val.f1:.3f} ≤ "
+            f"{result.extra['floor']:.3f}, {best}); kept epoch {result.best_epoch} as a fallback marked "
             "beats_baselines=false — `fbta register` will not promote it")
 
 
-def write_pseudo_masks(dest: Path, net: SideOutputNet, ps: PatchSet, opts: FitOptions, device: torch.device,
+def write_pseudo_masks(dest: Path, net: SideOutputNet, ps: PatchSet, opts: SegOptions, device: torch.device,
                        source: str) -> None:
     """Fused maps of the training patches (uint8 probability ×255) and their σ-smoothed, thresholded masks."""
     probs = predict_fused(net, ps.images, opts.input_size, device)
@@ -208,7 +213,16 @@ def write_pseudo_masks(dest: Path, net: SideOutputNet, ps: PatchSet, opts: FitOp
                         "patches_fingerprint": ps.fingerprint, "fbta_complete": True})
 
 
-def write_history(cfg: DictConfig, folder: Path, name: str, history: list[EpochLog]) -> list[dict[str, Any]]:
+def resumable(cfg: DictConfig, folder: Path, *inputs: Any) -> Optional[Resumable]:
+    """The stage's resume.pt (``seg.resume``), valid only for this seg configuration and these inputs."""
+    if not cfg.seg.resume:
+        return None
+    blob = json.dumps({"seg": OmegaConf.to_container(cfg.seg, resolve=True), "inputs": inputs}, sort_keys=True,
+                      default=str)
+    return Resumable(folder / RESUME, hashlib.sha256(blob.encode()).hexdigest()[:16])
+
+
+def write_history(cfg: DictConfig, folder: Path, name: str, history: list[Epoch]) -> list[dict[str, Any]]:
     rows = [e.as_row() for e in history]
     write_csv(folder / "history.csv", rows)
     write_csv(out_dir(cfg, "reports", "plots") / f"{name}.csv", rows)

@@ -22,15 +22,15 @@ from omegaconf import DictConfig
 
 from fbta.config import InputError, save_config
 from fbta.io.reports import publish_metrics
-from fbta.mil.train import seed_everything
 from fbta.seg.distill import DistillOptions, fit_distill
 from fbta.seg.model import META, load_segmenter, predict_fused, save_segmenter
 from fbta.seg.network import create_segnet
 from fbta.seg.overlays import save_test_overlays
 from fbta.seg.metrics import selection_floor
-from fbta.stages.seg_common import baselines_of, check_config, describe, fit_options, log_outcome, metrics_entry, \
+from fbta.stages.seg_common import baselines_of, check_config, describe, fit_options, log_outcome, resumable, metrics_entry, \
     no_beat_line, patch_sets, resolve_device, scores_table, write_history, write_pseudo_masks, write_slide_maps
 from fbta.seg.train import evaluate
+from fbta.training.loop import seed_everything
 from fbta.stages.common import out_dir
 from fbta.status import StageReport
 from fbta.tracking import stage_run
@@ -80,20 +80,24 @@ def run(cfg: DictConfig) -> int:
         def on_epoch(ep, improved: bool) -> None:  # noqa: ANN001
             mlrun.log_metrics({k: v for k, v in ep.as_row().items() if k != "epoch"}, step=ep.epoch)
 
+        resume = resumable(cfg, folder, fp, seg_teacher.meta)
         result = fit_distill(teacher, student, teacher_val.f1, sets["train"], sets["val"], opts, dopts, device, on_epoch,
-                             floor=floor)
+                             floor=floor, resume=resume)
+        beats = bool(result.extra["beats_baselines"])
         student.load_state_dict(result.best_state)
         test, test_probs = evaluate(student, sets["test"], opts, device)
         reversals = result.extra["reversals"]
         per_epoch = sum(e.as_row()["train_seconds"] for e in result.history) / len(result.history)
-        final = {**meta, "epoch": result.best_epoch, "val_f1": result.best.f1, "val_iou": result.best.iou,
-                 "beats_baselines": result.beats_baselines, "baseline_val_f1": round(floor, 6),
+        final = {**meta, "epoch": result.best_epoch, "val_f1": result.best.val.f1, "val_iou": result.best.val.iou,
+                 "beats_baselines": beats, "baseline_val_f1": round(floor, 6),
                  "baselines_val": {k: v.as_dict() for k, v in base_val.items()}, "test": test.as_dict(),
                  "teacher_test": teacher_test.as_dict(), "reversals": reversals,
                  "beat_teacher": result.extra["beat_teacher"], "epochs_run": len(result.history),
                  "seconds_per_epoch": round(per_epoch, 2), "seconds": round(time.time() - started, 2), "complete": True}
         save_segmenter(folder, student, final)
         write_history(cfg, folder, "seg_distill", result.history)
+        if resume is not None:
+            resume.finish()
         save_config(cfg, folder / "config.yaml")
         write_pseudo_masks(out_dir(cfg, "seg", "pseudo_masks") / "student_train.h5", student, sets["train"], opts,
                            device, "seg_student")
@@ -104,21 +108,21 @@ def run(cfg: DictConfig) -> int:
                                 out_dir(cfg, "reports", "plots", "segmentation", "slides"), "student", "seg-distill")
         for m in maps:
             mlrun.log_artifact(Path(m["path"]), "plots/slides")
-        entry = metrics_entry(test, {"val_f1": round(result.best.f1, 6), "epoch": result.best_epoch,
+        entry = metrics_entry(test, {"val_f1": round(result.best.val.f1, 6), "epoch": result.best_epoch,
                                      "reversals": len(reversals), "beat_teacher": bool(result.extra["beat_teacher"]),
                                      "teacher_val_f1": round(teacher_val.f1, 6), "kd": d.kd,
-                                     "beats_baselines": bool(result.beats_baselines),
+                                     "beats_baselines": beats,
                                      "weighted_ce": bool(d.weighted_ce), "role_reversal": bool(d.role_reversal),
                                      "seconds_per_epoch": round(per_epoch, 2)})
         publish_metrics(out_dir(cfg, "reports"), "seg_distill", {"segmentation": {"student": entry}})
-        log_outcome(mlrun, folder, result.best_epoch, result.best.f1, test, plots[-1] if plots else None, reversals=len(reversals),
-                    beats_baselines=float(result.beats_baselines), baseline_val_f1=floor)
+        log_outcome(mlrun, folder, result.best_epoch, result.best.val.f1, test, plots[-1] if plots else None, reversals=len(reversals),
+                    beats_baselines=float(beats), baseline_val_f1=floor)
     report.write(out_dir(cfg, "reports", "status") / "seg_distill.json")
     print(scores_table("seg-distill: test scores beside the teacher and the trivial baselines (same patches, same metric)",
                        {**base_test, "teacher": teacher_test, "student": test}), flush=True)
-    if not result.beats_baselines:
+    if not beats:
         print(no_beat_line("seg-distill", result), flush=True)
-    print(f"seg-distill: best epoch {result.best_epoch} (val F1 {result.best.f1:.3f}, teacher {teacher_val.f1:.3f}); "
+    print(f"seg-distill: best epoch {result.best_epoch} (val F1 {result.best.val.f1:.3f}, teacher {teacher_val.f1:.3f}); "
           f"test F1 {test.f1:.3f} (teacher {teacher_test.f1:.3f}), IoU {test.iou:.3f} (teacher {teacher_test.iou:.3f}); "
           f"{len(reversals)} role reversal(s); {per_epoch:.1f} s/epoch (training); model → {folder}", flush=True)
     return report.exit_code(cfg.run.strict)

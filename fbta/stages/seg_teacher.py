@@ -20,13 +20,13 @@ from omegaconf import DictConfig
 
 from fbta.config import save_config
 from fbta.io.reports import publish_metrics
-from fbta.mil.train import seed_everything
 from fbta.seg.model import META, save_segmenter
 from fbta.seg.network import create_segnet
 from fbta.seg.overlays import save_test_overlays
-from fbta.stages.seg_common import baseline_entries, baselines_of, check_config, describe, fit_options, log_outcome, \
+from fbta.stages.seg_common import baseline_entries, baselines_of, check_config, describe, fit_options, log_outcome, resumable, \
     metrics_entry, no_beat_line, patch_sets, resolve_device, scores_table, write_history, write_pseudo_masks
 from fbta.seg.train import evaluate, fit_teacher
+from fbta.training.loop import seed_everything
 from fbta.stages.common import out_dir
 from fbta.status import StageReport
 from fbta.tracking import stage_run
@@ -63,38 +63,42 @@ def run(cfg: DictConfig) -> int:
                 save_segmenter(folder, net, {**meta, "epoch": ep.epoch, "val_f1": ep.val.f1, "beats_baselines": True,
                                              "complete": False})
 
-        result = fit_teacher(net, sets["train"], sets["val"], opts, device, on_epoch)
+        resume = resumable(cfg, folder, fp)
+        result = fit_teacher(net, sets["train"], sets["val"], opts, device, on_epoch, resume=resume)
         net.load_state_dict(result.best_state)
+        beats = bool(result.extra["beats_baselines"])
         test, test_probs = evaluate(net, sets["test"], opts, device)
         base_test = baselines_of(sets["test"], s.sigma, s.threshold)
-        base_val = {f"baseline_{k}": v for k, v in result.baselines.items()}
+        base_val = {f"baseline_{k}": v for k, v in result.extra["baselines"].items()}
         per_epoch = sum(e.as_row()["train_seconds"] for e in result.history) / len(result.history)
-        final = {**meta, "epoch": result.best_epoch, "val_f1": result.best.f1, "val_iou": result.best.iou,
-                 "beats_baselines": result.beats_baselines, "baseline_val_f1": round(result.floor, 6),
+        final = {**meta, "epoch": result.best_epoch, "val_f1": result.best.val.f1, "val_iou": result.best.val.iou,
+                 "beats_baselines": beats, "baseline_val_f1": round(result.extra["floor"], 6),
                  "baselines_val": {k: v.as_dict() for k, v in base_val.items()},
                  "test": test.as_dict(), "epochs_run": len(result.history), "seconds_per_epoch": round(per_epoch, 2),
                  "seconds": round(time.time() - started, 2), "complete": True}
         save_segmenter(folder, net, final)
         write_history(cfg, folder, "seg_teacher", result.history)
+        if resume is not None:
+            resume.finish()
         save_config(cfg, folder / "config.yaml")
         write_pseudo_masks(out_dir(cfg, "seg", "pseudo_masks") / "teacher_train.h5", net, sets["train"], opts,
                            device, "seg_teacher")
         plots = save_test_overlays(out_dir(cfg, "reports", "plots", "segmentation", "teacher"), sets["test"],
                                    {"teacher": test_probs}, s.overlays, s.data_seed, s.sigma, s.threshold)
-        entry = metrics_entry(test, {"val_f1": round(result.best.f1, 6), "epoch": result.best_epoch,
-                                     "beats_baselines": bool(result.beats_baselines),
+        entry = metrics_entry(test, {"val_f1": round(result.best.val.f1, 6), "epoch": result.best_epoch,
+                                     "beats_baselines": bool(beats),
                                      "seconds_per_epoch": round(per_epoch, 2)})
         publish_metrics(out_dir(cfg, "reports"), "seg_teacher",
                         {"segmentation": {"teacher": entry, **baseline_entries(base_test, base_val)}})
-        log_outcome(mlrun, folder, result.best_epoch, result.best.f1, test, plots[-1] if plots else None,
-                    beats_baselines=float(result.beats_baselines), baseline_val_f1=result.floor,
+        log_outcome(mlrun, folder, result.best_epoch, result.best.val.f1, test, plots[-1] if plots else None,
+                    beats_baselines=float(beats), baseline_val_f1=result.extra["floor"],
                     **{f"{k}_test_f1": v.f1 for k, v in base_test.items()})
     report.write(out_dir(cfg, "reports", "status") / "seg_teacher.json")
     print(scores_table("seg-teacher: test scores beside the trivial baselines (same patches, same metric)",
                        {**base_test, "teacher": test}), flush=True)
-    if not result.beats_baselines:
+    if not beats:
         print(no_beat_line("seg-teacher", result), flush=True)
-    print(f"seg-teacher: best epoch {result.best_epoch} (val F1 {result.best.f1:.3f}, baselines {result.floor:.3f}); "
+    print(f"seg-teacher: best epoch {result.best_epoch} (val F1 {result.best.val.f1:.3f}, baselines {result.extra['floor']:.3f}); "
           f"test F1 {test.f1:.3f}, IoU {test.iou:.3f}, Hausdorff {test.hausdorff:.1f} px; {per_epoch:.1f} s/epoch "
           f"(training); model → {folder}", flush=True)
     if report.count("failed"):

@@ -34,10 +34,12 @@ from fbta.mil.checkpoint import META, save_checkpoint
 from fbta.mil.data import BagDataset, Cohort, feature_stats
 from fbta.mil.plots import save_curves
 from fbta.mil.registry import MILHead, create_mil
-from fbta.mil.resume import RESUME, Resumable
 from fbta.mil.splits import Split
 from fbta.device import fit_workers, resolve_device
-from fbta.mil.train import EMA_EVERY, Epoch, FitOptions, fit, seed_everything
+from fbta.mil.train import FitOptions, fit
+from fbta.training.ema import EMA_EVERY
+from fbta.training.loop import Epoch, seed_everything
+from fbta.training.resume import RESUME, Resumable
 from fbta.slides.cohort import CohortError
 from fbta.stages.common import features_dir, out_dir
 from fbta.stages.milrun import check_method_and_arch, load_cohort, model_folder, variant

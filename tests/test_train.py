@@ -65,17 +65,18 @@ def test_abmil_learns_the_cohort_and_evaluate_reports_test_metrics(workspace) ->
     assert len(preds) == 4 and {"slide_id", "actual", "predicted", "prob_tumour"} <= set(preds[0])
 
 
-def test_evaluate_merges_into_metrics_json_without_clobbering_other_keys(workspace) -> None:
+def test_evaluate_rebuilds_metrics_json_keeping_the_other_stages_results(workspace) -> None:
+    from fbta.io.reports import publish_metrics
+
     out, ov = workspace
-    (out / "reports").mkdir(parents=True, exist_ok=True)
-    others = {"classification": {"fbta": {"auc": 0.5, "acc": 0.5, "f1": 0.5}},
-              "segmentation": {"student": {"f1": 0.7, "iou": 0.6}}}
-    (out / "reports/metrics.json").write_text(json.dumps(others))
+    publish_metrics(out / "reports", "infer_fbta", {"classification": {"fbta": {"auc": 0.5, "acc": 0.5, "f1": 0.5}}})
+    publish_metrics(out / "reports", "seg_distill", {"segmentation": {"student": {"f1": 0.7, "iou": 0.6}}})
     assert fbta("evaluate", *ov) == 0
     merged = json.loads((out / "reports/metrics.json").read_text())
-    assert merged["classification"]["fbta"] == others["classification"]["fbta"]
-    assert merged["segmentation"] == others["segmentation"]
+    assert merged["classification"]["fbta"] == {"auc": 0.5, "acc": 0.5, "f1": 0.5}
+    assert merged["segmentation"] == {"student": {"f1": 0.7, "iou": 0.6}}
     assert set(merged["classification"]["vanilla"]) >= {"auc", "acc", "f1", "arch"}
+    assert json.loads((out / "reports/metrics/evaluate_vanilla.json").read_text())["classification"]["vanilla"]
 
 
 def test_training_writes_a_weights_only_checkpoint_with_its_metadata(workspace) -> None:

@@ -54,7 +54,7 @@ demo: venv
 	@test -d .dvc || $(BIN)/dvc init -q
 	$(BIN)/dvc config core.analytics false
 	$(BIN)/dvc repro
-	$(BIN)/python -m fbta.summary
+	$(BIN)/python -m fbta.results
 
 lock:
 	rm -rf /tmp/fbta-lock && $(PYTHON) -m venv /tmp/fbta-lock

@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import dvc_deps  # noqa: E402
 
 LIBRARY = ("slides", "tiling", "synth", "features", "mil", "e2e", "seg", "tune", "registry", "io", "training")
-STAGE_LAYER = ("fbta.stages", "fbta.cli", "fbta.status", "fbta.summary", "fbta.tracking")
+STAGE_LAYER = ("fbta.stages", "fbta.cli", "fbta.slide_status", "fbta.results", "fbta.tracking")
 # config plumbing, not a consumer of settings: merges dotted values into a config for tuning trials
 TAKES_WHOLE_CONFIG = {("fbta.tune.space", "with_values")}
 

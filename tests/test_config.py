@@ -47,6 +47,31 @@ def test_malformed_override_and_missing_params_file(tmp_path: Path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_a_choice_outside_its_set_is_refused_at_load_time_naming_key_and_choices(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"seg.distill.kd='blokwise' must be one of fusion, blockwise"):
+        load_config(ROOT / "params.yaml", ["seg.distill.kd=blokwise"])
+    with pytest.raises(ConfigError, match=r"fbta.views\[1\]='xb' must be one of fb, eb, tb"):
+        load_config(ROOT / "params.yaml", ["fbta.views=[fb,xb]"])
+    bad = tmp_path / "params.yaml"
+    bad.write_text("heatmap:\n  normalize: rank\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: heatmap.normalize='rank' must be one of percentile, minmax"):
+        load_config(bad)
+
+
+def test_choices_behave_as_their_strings_in_comparisons_files_and_logs(tmp_path: Path):
+    import json
+
+    from fbta.config import save_config
+    from omegaconf import OmegaConf
+
+    cfg = load_config(ROOT / "params.yaml", ["seg.distill.kd=blockwise"])
+    kd = cfg.seg.distill.kd
+    assert kd == "blockwise" and f"{kd}" == str(kd) == "blockwise" and kd in ("fusion", "blockwise")
+    assert '"kd": "blockwise"' in json.dumps(OmegaConf.to_container(cfg.seg.distill))  # fingerprints, meta.json
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").seg.distill.kd == "blockwise"  # a saved config loads back
+
+
 def test_config_is_read_only():
     cfg = load_config(None)
     with pytest.raises(Exception):

@@ -14,7 +14,7 @@ import pytest
 
 from fbta.cli import main
 from fbta.device import fit_workers
-from fbta.summary import summarise
+from fbta.results import summarise
 from milcohort import SMALL_HEADS, make_cohort
 
 ROOT = Path(__file__).resolve().parents[1]

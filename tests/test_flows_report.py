@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from fbta.cli import main
-from fbta.io.reports import publish_metrics
+from fbta.io.metrics import publish_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

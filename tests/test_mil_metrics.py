@@ -10,7 +10,7 @@ import pytest
 from sklearn import metrics as skm
 
 from fbta.config import InputError
-from fbta.io.reports import publish_metrics, rebuild_metrics
+from fbta.io.metrics import publish_metrics, rebuild_metrics
 from fbta.mil.heatmap import localisation, normalise, patch_fraction_inside
 from fbta.mil.metrics import accuracy, binary_auc, confusion_matrix, macro_f1, roc_auc, roc_points, score
 from fbta.mil.splits import SplitParams, draw, fold_assignment, resolve_split

@@ -1,5 +1,5 @@
 """The demo's closing table says when its test split is too small to compare methods."""
-from fbta.summary import small_test_note
+from fbta.results import small_test_note
 
 
 def test_small_test_split_points_to_the_protocol() -> None:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage as ndi
 
-from fbta.config import SynthCfg
+from fbta.schema import SynthCfg
 from fbta.synth import assign_labels, assign_splits, make_cohort, make_slide, write_aperio_tiff
 from fbta.synth.cohort import slide_rng
 

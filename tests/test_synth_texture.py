@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from fbta.config import SynthCfg
+from fbta.schema import SynthCfg
 from fbta.synth import make_cohort
 from fbta.synth.cohort import slide_rng
 from fbta.synth.texture import SOURCE, load_source, make_texture_slide, to_od

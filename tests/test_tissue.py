@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fbta.config import TissueCfg
+from fbta.schema import TissueCfg
 from fbta.tiling.tissue import fill_holes, pen_mask, remove_small, tissue_mask
 
 from conftest import pink_on_white

@@ -209,7 +209,7 @@ def test_mlflow_run_has_the_config_as_params_and_metrics_per_epoch(tmp_path: Pat
 @pytest.mark.parametrize("override, message", [
     ("mil.arch=nope", "mil.arch='nope' is not a MIL head"),
     ("train.method=fbta", "FBTA's extractor must be the one that made them"),
-    ("train.method=other", "train.method='other' is not one of"),
+    ("train.method=other", "train.method='other' must be one of vanilla, fbta"),
     ("mil.kwargs.bogus=1", "mil.* does not fit mil.arch=abmil"),
 ])
 def test_bad_method_or_head_is_one_line_and_exit_2(override: str, message: str, tmp_path: Path, capsys) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from fbta.choices import Sampling
 from fbta.config import InputError
 from fbta.features.extract import SlidePatches
 from fbta.features.kmeans import random_pseudo_bag, stratified_pseudo_bag
@@ -30,7 +31,7 @@ from fbta.e2e.diagnostics import slide_on_tumour
 from fbta.io.h5 import _py, patch_attrs, read_coords, read_features, require_coords  # noqa: F401 (patch_attrs re-exported)
 from fbta.mil.data import BagItem
 
-SAMPLING = ("kmeans", "random")
+SAMPLING = tuple(c.value for c in Sampling)  # the schema's choices (fbta/choices.py), as plain strings
 
 
 class ClusterError(InputError):

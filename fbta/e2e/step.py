@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fbta.choices import View
 from fbta.features.augment import Augment
 from fbta.e2e.pseudobags import PseudoBag
 from fbta.e2e.timing import fbta_timer, split
@@ -38,7 +39,7 @@ from fbta.features.registry import Extractor
 from fbta.mil.registry import MILHead
 from fbta.training.ema import ema_update, frozen_copy as _frozen_copy
 
-VIEWS = ("fb", "eb", "tb")
+VIEWS = tuple(c.value for c in View)  # the schema's choices (fbta/choices.py), as plain strings
 
 
 @dataclass

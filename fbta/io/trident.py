@@ -17,8 +17,9 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
+from fbta.choices import LinkMode
 
-LINK_MODES = ("hardlink", "symlink", "copy")
+LINK_MODES = tuple(c.value for c in LinkMode)  # the schema's choices (fbta/choices.py), as plain strings
 
 
 def trident_root_name(coords_attrs: Mapping[str, Any]) -> str:

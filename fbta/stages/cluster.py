@@ -16,7 +16,7 @@ from fbta.features.kmeans import cluster_bag
 from fbta.io.h5 import clusters_complete, feature_file_attrs, feature_files, read_features, write_clusters
 from fbta.io.lock import claimed, raise_if_storage
 from fbta.stages.common import clusters_dir, features_dir, only_slides, out_dir, progress, stop_on_storage_error
-from fbta.status import StageReport
+from fbta.slide_status import StageReport
 
 
 def run(cfg: DictConfig) -> int:

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
-    from fbta.status import StageReport
+    from fbta.slide_status import StageReport
 
 T = TypeVar("T")
 

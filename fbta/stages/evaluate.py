@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from fbta.config import ConfigError
 from fbta.io.atomic import atomic_write_text
 from fbta.e2e.classifier import load_classifier
-from fbta.io.reports import publish_metrics, write_csv
+from fbta.io.metrics import publish_metrics, write_csv
 from fbta.mil.checkpoint import CheckpointError
 from fbta.mil.data import BagDataset, BagItem
 from fbta.mil.metrics import Scores, confusion_matrix, roc_points, score

@@ -12,18 +12,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from fbta.config import ConfigError, InputError
+from fbta.config import InputError
 from fbta.io.h5 import coords_complete, feature_files, features_complete, read_coords
-from fbta.io.trident import LINK_MODES, export_slide
+from fbta.io.trident import export_slide
 from fbta.stages.common import features_dir, only_slides, out_dir, progress
-from fbta.status import StageReport
+from fbta.slide_status import StageReport
 
 
 def run(cfg: DictConfig) -> int:
-    if cfg.export.layout != "trident":
-        raise ConfigError(f"export.layout='{cfg.export.layout}' must be trident")
-    if cfg.export.link not in LINK_MODES:
-        raise ConfigError(f"export.link='{cfg.export.link}' must be one of {', '.join(LINK_MODES)}")
     report = StageReport("export")
     folder = features_dir(cfg)
     files = feature_files(folder)

@@ -16,7 +16,7 @@ from fbta.io.h5 import coords_complete, features_complete, read_coords, write_fe
 from fbta.io.lock import claimed_ahead, raise_if_storage
 from fbta.slides.cohort import discover
 from fbta.stages.common import only_slides, out_dir, stop_on_storage_error, tile_failure
-from fbta.status import StageReport
+from fbta.slide_status import StageReport
 
 
 def run(cfg: DictConfig) -> int:

@@ -26,13 +26,13 @@ from fbta.io.h5 import feature_file_attrs, feature_files, read_features, require
 from fbta.io.masks import find_mask, read_mask
 from fbta.e2e.classifier import load_classifier
 from fbta.mil.data import check_bag
-from fbta.mil.heatmap import NORMALISE, draw_heatmap, localisation, normalise, patch_fraction_inside
+from fbta.mil.heatmap import draw_heatmap, localisation, normalise, patch_fraction_inside
 from fbta.mil.train import resolve_device
 from fbta.slides.cohort import CohortError, discover
 from fbta.slides.reader import open_slide
 from fbta.stages.common import features_dir, out_dir, progress
 from fbta.stages.milrun import check_method_and_arch, model_folder, variant
-from fbta.status import StageReport
+from fbta.slide_status import StageReport
 from fbta.tracking import stage_run
 
 
@@ -89,8 +89,6 @@ def _mask(cfg: DictConfig, sid: str, dims0: tuple[float, float]) -> np.ndarray |
 def run(cfg: DictConfig) -> int:
     check_method_and_arch(cfg)
     h = cfg.heatmap
-    if h.normalize not in NORMALISE:
-        raise ConfigError(f"heatmap.normalize='{h.normalize}' must be one of {', '.join(NORMALISE)}")
     import matplotlib
 
     if h.cmap not in matplotlib.colormaps:

@@ -23,10 +23,10 @@ from omegaconf import DictConfig
 
 from fbta.config import ConfigError, InputError
 from fbta.io.atomic import atomic_write_text
-from fbta.io.reports import write_csv
+from fbta.io.metrics import write_csv
 from fbta.mil.data import check_bag
 from fbta.stages.common import out_dir
-from fbta.status import StageReport
+from fbta.slide_status import StageReport
 from fbta.tracking import stage_run
 from fbta.tune.space import with_values
 

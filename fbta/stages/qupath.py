@@ -28,7 +28,7 @@ from fbta.io.qupath import feature, mask_to_geometry, patch_features, write_geoj
 from fbta.slides.cohort import read_labels
 from fbta.slides.reader import open_slide
 from fbta.stages.common import features_dir, only_slides, out_dir, progress
-from fbta.status import StageReport
+from fbta.slide_status import StageReport
 from fbta.tiling.tiler import tile_slide
 
 

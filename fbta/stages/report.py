@@ -1,8 +1,8 @@
 """``fbta report``: rebuild ``reports/metrics.json`` from every stage's fragment and print the results.
 
 Why a rebuild: DVC lets one stage own one file, so each metrics-producing stage
-declares only ``reports/metrics/<fragment>.json`` (``fbta.io.reports.publish_metrics``)
-and this last stage owns ``metrics.json`` (written only by ``fbta.io.reports.rebuild_metrics``). Rebuilding from the fragments —
+declares only ``reports/metrics/<fragment>.json`` (``fbta.io.metrics.publish_metrics``)
+and this last stage owns ``metrics.json`` (written only by ``fbta.io.metrics.rebuild_metrics``). Rebuilding from the fragments —
 instead of merging into whatever is there — means a variant whose stage was
 removed, or a stale key from an old run, does not linger in the metrics DVC
 compares across experiments.
@@ -13,8 +13,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from fbta.io.reports import rebuild_metrics
-from fbta.summary import results_table, summarise
+from fbta.io.metrics import rebuild_metrics
+from fbta.results import results_table, summarise
 
 
 def run(cfg: DictConfig) -> int:

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from fbta.config import InputError, save_config
-from fbta.io.reports import publish_metrics
+from fbta.io.metrics import publish_metrics
 from fbta.seg.distill import DistillOptions, fit_distill
 from fbta.seg.model import META, load_segmenter, predict_fused, save_segmenter
 from fbta.seg.network import create_segnet
@@ -32,7 +32,7 @@ from fbta.stages.seg_common import baselines_of, check_config, describe, fit_opt
 from fbta.seg.train import evaluate
 from fbta.training.loop import seed_everything
 from fbta.stages.common import out_dir
-from fbta.status import StageReport
+from fbta.slide_status import StageReport
 from fbta.tracking import stage_run
 
 

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from fbta.config import save_config
-from fbta.io.reports import publish_metrics
+from fbta.io.metrics import publish_metrics
 from fbta.seg.model import META, save_segmenter
 from fbta.seg.network import create_segnet
 from fbta.seg.overlays import save_test_overlays
@@ -28,7 +28,7 @@ from fbta.stages.seg_common import baseline_entries, baselines_of, check_config,
 from fbta.seg.train import evaluate, fit_teacher
 from fbta.training.loop import seed_everything
 from fbta.stages.common import out_dir
-from fbta.status import StageReport
+from fbta.slide_status import StageReport
 from fbta.tracking import stage_run
 
 

@@ -12,7 +12,7 @@ from fbta.io.lock import StorageError, claimed, raise_if_storage
 from fbta.slides.cohort import discover
 from fbta.slides.reader import SlideError, open_slide
 from fbta.stages.common import only_slides, out_dir, progress, stop_on_storage_error
-from fbta.status import StageReport
+from fbta.slide_status import StageReport
 from fbta.tiling.thumbnail import save_thumbnail
 from fbta.tiling.tiler import params_hash, tile_slide
 

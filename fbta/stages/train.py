@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fbta.config import ConfigError, save_config
-from fbta.io.reports import write_csv
+from fbta.io.metrics import write_csv
 from fbta.mil.checkpoint import META, save_checkpoint
 from fbta.mil.data import BagDataset, Cohort, feature_stats
 from fbta.mil.plots import save_curves
@@ -37,13 +37,12 @@ from fbta.mil.registry import MILHead, create_mil
 from fbta.mil.splits import Split
 from fbta.device import fit_workers, resolve_device
 from fbta.mil.train import FitOptions, fit
-from fbta.training.ema import EMA_EVERY
 from fbta.training.loop import Epoch, seed_everything
 from fbta.training.resume import RESUME, Resumable
 from fbta.slides.cohort import CohortError
 from fbta.stages.common import features_dir, out_dir
 from fbta.stages.milrun import check_method_and_arch, load_cohort, model_folder, variant
-from fbta.status import StageReport
+from fbta.slide_status import StageReport
 from fbta.tracking import stage_run
 
 
@@ -82,8 +81,6 @@ EpochHook = Callable[[int, dict], None]
 def _check_train_config(cfg: DictConfig) -> None:
     """The train.* values with a fixed range or set of choices; one line per mistake (exit 2)."""
     t = cfg.train
-    if t.ema_every not in EMA_EVERY:
-        raise ConfigError(f"train.ema_every='{t.ema_every}' must be one of {', '.join(EMA_EVERY)}")
     if not 0.0 <= t.ema_alpha < 1.0:
         raise ConfigError(f"train.ema_alpha={t.ema_alpha} must be in [0, 1)")
     if t.min_epochs < 0:

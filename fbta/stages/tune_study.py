@@ -234,7 +234,7 @@ def _write_best(cfg: DictConfig, study: Any, space: Space, study_dir: Path) -> O
     except ValueError:
         return None
     values = {**space.fixed, **best.params}
-    full = OmegaConf.to_container(cfg, resolve=True)
+    full = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     merged = OmegaConf.merge(OmegaConf.create(full), OmegaConf.create(nested(values)))
     header = (f"# fbta tune: best trial #{best.number} of study '{study.study_name}' ({METRIC} {best.value:.4f}).\n"
               f"# Use: fbta train --params {study_dir / 'best_params.yaml'}  (or dvc exp run with best.json's "

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from fbta.choices import SynthStyle
 from fbta.io.atomic import atomic_path
 from fbta.synth.slide import make_slide
 from fbta.synth.texture import SOURCE as TEXTURE_SOURCE, make_texture_slide
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 LABELS = ("normal", "tumour")  # negative, positive
 SPLITS = ("train", "val", "test")
-STYLES = ("texture", "drawn")
+STYLES = tuple(c.value for c in SynthStyle)  # the schema's choices (fbta/choices.py), as plain strings
 _SLIDE_STREAM, _LABEL_STREAM = 1, 2  # RNG stream ids under the cohort seed
 
 

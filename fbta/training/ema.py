@@ -14,8 +14,9 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from fbta.choices import EmaEvery
 
-EMA_EVERY = ("epoch", "step")
+EMA_EVERY = tuple(c.value for c in EmaEvery)  # the schema's choices (fbta/choices.py), as plain strings
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -1,0 +1,93 @@
+"""The settings with a fixed set of values, as ``StrEnum``s the schema (fbta/schema.py) types its fields with.
+
+Why enums: OmegaConf refuses any other value when the config is loaded, naming
+the key and the choices, so no stage checks them by hand; being ``str``
+subclasses, they compare equal to, print as and serialise (JSON, YAML, MLflow
+params, fingerprints) as their plain strings.
+"""
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Choice(StrEnum):
+    """A fixed set of values: OmegaConf refuses anything else at load time, naming the key and the choices."""
+
+
+class SynthStyle(Choice):
+    texture = "texture"
+    drawn = "drawn"
+
+
+class KMeansMethod(Choice):
+    auto = "auto"
+    torch = "torch"
+    sklearn = "sklearn"
+    elkan = "elkan"
+    minibatch = "minibatch"
+
+
+class TrainMethod(Choice):
+    vanilla = "vanilla"
+    fbta = "fbta"
+
+
+class EmaEvery(Choice):
+    epoch = "epoch"
+    step = "step"
+
+
+class Sampling(Choice):
+    kmeans = "kmeans"
+    random = "random"
+
+
+class View(Choice):
+    fb = "fb"
+    eb = "eb"
+    tb = "tb"
+
+
+class TeacherLoss(Choice):
+    dice = "dice"
+    gmp_bce = "gmp_bce"
+
+
+class KD(Choice):
+    fusion = "fusion"
+    blockwise = "blockwise"
+
+
+class CEForm(Choice):
+    authors = "authors"
+    bce = "bce"
+
+
+class StudentInit(Choice):
+    backbone = "backbone"
+    teacher = "teacher"
+
+
+class Fusion(Choice):
+    fixed = "fixed"
+    learnable = "learnable"
+
+
+class ExportLayout(Choice):
+    trident = "trident"
+
+
+class LinkMode(Choice):
+    hardlink = "hardlink"
+    symlink = "symlink"
+    copy = "copy"
+
+
+class HeatmapNormalize(Choice):
+    percentile = "percentile"
+    minmax = "minmax"
+
+
+class TaskRunner(Choice):
+    thread = "thread"
+    dask = "dask"

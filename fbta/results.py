@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config("params.yaml", argv if argv is not None else sys.argv[1:])
     except ConfigError as exc:
-        print(f"fbta summary: error: {exc}", file=sys.stderr)
+        print(f"fbta.results: error: {exc}", file=sys.stderr)
         return 2
     print(summarise(Path(cfg.data.out)))
     return 0

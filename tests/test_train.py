@@ -66,7 +66,7 @@ def test_abmil_learns_the_cohort_and_evaluate_reports_test_metrics(workspace) ->
 
 
 def test_evaluate_rebuilds_metrics_json_keeping_the_other_stages_results(workspace) -> None:
-    from fbta.io.reports import publish_metrics
+    from fbta.io.metrics import publish_metrics
 
     out, ov = workspace
     publish_metrics(out / "reports", "infer_fbta", {"classification": {"fbta": {"auc": 0.5, "acc": 0.5, "f1": 0.5}}})

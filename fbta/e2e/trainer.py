@@ -141,8 +141,8 @@ class FBTA(Method):
 
     def parts(self) -> Parts:
         m = self.m
-        return {"mil": m.mil, "translator": m.translator, "tfe": m.tfe, "mil_ema": m.mil_ema,
-                "tfe_ema": m.tfe_ema}, {"adam": self.optimiser}, {"augment": self.gen}
+        return {"mil": m.mil, "translator": m.translator, "tfe": m.tfe}, {"adam": self.optimiser}, \
+            {"augment": self.gen}
 
     def batches(self, epoch: int) -> Iterable[Any]:
         self.plan.set_epoch(epoch)

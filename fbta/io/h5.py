@@ -39,7 +39,7 @@ def write_coords(dest: Path, coords: np.ndarray, attrs: Mapping[str, Any]) -> No
     with _new_h5(dest) as f:
         ds = f.create_dataset("coords", data=coords, maxshape=(None, 2), track_times=False)
         for k, v in attrs.items():
-            ds.attrs[k] = v
+            ds.attrs[k] = _h5(v)
         f.attrs["fbta_complete"] = True
 
 
@@ -64,6 +64,11 @@ def coords_complete(path: Path, expect: Optional[Mapping[str, Any]] = None) -> b
             return all(k in attrs and _py(attrs[k]) == v for k, v in (expect or {}).items())
     except (OSError, KeyError):
         return False
+
+
+def _h5(v: Any) -> Any:
+    """Plain Python → HDF5 attribute: a ``str`` subclass (a schema Choice) as the plain string h5py can store."""
+    return str.__str__(v) if isinstance(v, str) and type(v) is not str else v
 
 
 def _py(v: Any) -> Any:
@@ -92,9 +97,9 @@ def write_features(dest: Path, features: np.ndarray, coords: np.ndarray, attrs: 
         f.create_dataset("features", data=features, track_times=False)
         c = f.create_dataset("coords", data=coords, track_times=False)
         for k, v in (coords_attrs or {}).items():
-            c.attrs[k] = v
+            c.attrs[k] = _h5(v)
         for k, v in attrs.items():
-            f.attrs[k] = v
+            f.attrs[k] = _h5(v)
         f.attrs["fbta_complete"] = True
 
 
@@ -239,5 +244,5 @@ def write_clusters(dest: Path, labels: np.ndarray, centroids: np.ndarray, attrs:
         f.create_dataset("labels", data=labels.astype(np.int32), track_times=False)
         f.create_dataset("centroids", data=centroids.astype(np.float32), track_times=False)
         for k, v in attrs.items():
-            f.attrs[k] = v
+            f.attrs[k] = _h5(v)
         f.attrs["fbta_complete"] = True

@@ -174,8 +174,7 @@ class VanillaMIL(Method):
         return self.teacher if self.teacher is not None else self.model
 
     def parts(self) -> Parts:
-        teacher = {"ema": self.teacher} if self.teacher is not None else {}
-        return {"model": self.model, **teacher}, {"adam": self.optimiser}, \
+        return {"model": self.model}, {"adam": self.optimiser}, \
             {"sampler": self.sample_gen, "loader": self.loader_gen}
 
     def batches(self, epoch: int) -> Iterable[Any]:

@@ -92,7 +92,7 @@ class Method:
     optimiser: torch.optim.Optimizer  # the current one (IKD-MIL replaces it at a role reversal)
 
     def parts(self) -> Parts:
-        """(modules, optimisers, generators) a resumed run must get back, by name."""
+        """(modules, optimisers, generators) a resumed run must get back, by name (the EMA teachers: the loop's)."""
         raise NotImplementedError
 
     def batches(self, epoch: int) -> Iterable[Any]:
@@ -191,9 +191,11 @@ def fit_loop(method: Method, opts: LoopOptions, selection: Selection, ema: Optio
     ``resume`` saves the run after every epoch and continues a killed one from its last finished epoch."""
     from tqdm.auto import tqdm
 
-    def parts() -> Parts:
+    def parts() -> Parts:  # the method's, plus the EMA the loop owns: its teachers and its update count
         modules, optimisers, generators = method.parts()
-        return ({**modules, "ema_state": ema} if ema is not None else modules), optimisers, generators
+        if ema is not None:
+            modules = {**modules, **{f"ema_teacher{i}": t for i, (t, _) in enumerate(ema.pairs)}, "ema_state": ema}
+        return modules, optimisers, generators
 
     history: list[Epoch] = []
     start = 0

@@ -155,10 +155,10 @@ def test_two_registrations_racing_in_separate_processes_leave_one_consistent_cha
     assert decisions[0.9]["aliases"] == aliases or decisions[0.8]["aliases"] == aliases  # the later one saw the end
 
 
-def waiting_on(lock: Path) -> int:
-    """How many processes wait for the ``flock`` on ``lock`` (blocked requests are ``->`` lines in /proc/locks)."""
-    ino = f":{lock.stat().st_ino} "
-    return sum(1 for line in Path("/proc/locks").read_text().splitlines() if "->" in line and ino in line)
+def at_the_lock(root: Path, n: int) -> int:
+    """How many promoters have entered ``promote`` (each touches ``ready<i>.at_lock`` just before): its first
+    step is to take the lock, which the test holds — so a second later they are all waiting on it."""
+    return sum(1 for i in range(n) if (root / f"ready{i}.at_lock").exists())
 
 
 PROMOTER = """
@@ -171,6 +171,7 @@ client.get_registered_model(name)  # the store is open before the race starts
 pathlib.Path(ready).touch()
 while not pathlib.Path(go).exists():
     time.sleep(0.005)
+pathlib.Path(ready + ".at_lock").touch()
 print(json.dumps(promote(client, name, "classifier", version, pathlib.Path(lock))))
 """
 
@@ -186,9 +187,11 @@ def test_two_processes_promoting_at_the_same_moment_leave_the_better_one_champio
     with file_lock(lock):  # a promotion in progress: both processes must queue behind it, then race for the lock
         procs = release_together(tmp_path, [[uri, name, v, str(lock)] for v in ("2", "3")], PROMOTER)
         deadline = time.time() + 120
-        while waiting_on(lock) < 2:
+        while at_the_lock(tmp_path, 2) < 2:
             assert time.time() < deadline and all(p.poll() is None for p in procs), outcomes(procs)
             time.sleep(0.05)
+        time.sleep(1.0)
+        assert all(p.poll() is None for p in procs)  # both wait for the lock; neither has decided
     results = outcomes(procs)
     assert all(rc == 0 for rc, _ in results), [out[-2000:] for _, out in results]
     d2, d3 = (json.loads(out.strip().splitlines()[-1]) for _, out in results)

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
+from filelock import FileLock
+
 from fbta.config import InputError
 
 T = TypeVar("T")
@@ -48,14 +50,15 @@ def _holder(fd: int) -> str:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if missing); it blocks until free, across processes."""
+    """An exclusive lock on ``path`` (created if missing, kept afterwards); blocks until free, across processes.
+
+    ``filelock`` (an ``flock`` underneath: the kernel drops it when the holder dies). The lock file is
+    kept (``preserve_lock_file``): unlinking it on release would let a waiter lock an inode nobody else
+    opens again.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with FileLock(str(path), preserve_lock_file=True, thread_local=False):
         yield
-    finally:
-        os.close(fd)  # closing releases the lock; so does the death of the process
 
 
 @contextlib.contextmanager

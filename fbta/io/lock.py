@@ -7,6 +7,12 @@ only says *who* holds it, and is cleared by the next run that gets the lock.
 While a run holds a slide's lock it also removes the slide's half-written
 temp files (``.<name>.*.tmp``) left by a killed writer: nobody else can be
 writing them.
+
+Two kinds: :func:`file_lock` (a plain mutual exclusion: the registry's
+promotion, the SQLite stores, metrics.json, tuning) is ``filelock``'s; the
+per-slide :func:`claim` keeps its own non-blocking ``flock`` because it must
+also say who holds a busy slide (the holder's pid and host, read from the lock
+file) and let a run skip to the next slide instead of waiting.
 """
 from __future__ import annotations
 

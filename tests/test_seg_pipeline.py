@@ -95,3 +95,44 @@ def test_bad_settings_and_missing_inputs_are_one_line_errors(tmp_path: Path, cap
     assert main(["seg-distill", *d]) == 2
     err = capsys.readouterr().err
     assert "no trained segmenter" in err and "seg_teacher" in err and len(err.strip().splitlines()) == 1
+
+
+# ~35 s (the module's cohort: synth + tile, then three short seg-teacher runs), kept in CI: a real SIGKILL
+def test_seg_teacher_killed_midway_resumes_and_ends_with_the_model_of_an_uninterrupted_run(cohort: list[str],
+                                                                                          tmp_path: Path):
+    import shutil
+
+    import torch
+    from faultkit import kill_when, run
+
+    from fbta.training.resume import RESUME
+
+    out = Path(cohort[3].split("=", 1)[1])
+    ov = [*cohort, "seg.teacher.epochs=12", "tracking.enabled=false"]
+    folder = out / "models/seg_teacher"
+    ref = run("seg-teacher", ov, tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    shutil.copy(folder / "best.pt", tmp_path / "ref_best.pt")
+    history = (folder / "history.csv").read_text().splitlines()
+
+    def saved_epoch() -> int:
+        try:
+            return int(torch.load(folder / RESUME, weights_only=True)["epoch"])
+        except Exception:  # not there yet, or being replaced
+            return -1
+
+    kill_when("seg-teacher", ov, tmp_path, lambda: saved_epoch() >= 2)
+    killed_at = saved_epoch()
+    assert 2 <= killed_at < 11
+    again = run("seg-teacher", ov, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"seg-teacher: resuming after epoch {killed_at + 1}" in again.stdout  # seg counts epochs from 1
+    assert not (folder / RESUME).exists()
+    a, b = torch.load(folder / "best.pt", weights_only=True), torch.load(tmp_path / "ref_best.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def curve(lines: list[str]) -> list[list[str]]:  # every column but the wall times
+        head = lines[0].split(",")
+        keep = [i for i, k in enumerate(head) if k not in ("seconds", "train_seconds")]
+        return [[row.split(",")[i] for i in keep] for row in lines]
+    assert curve((folder / "history.csv").read_text().splitlines()) == curve(history)

@@ -200,7 +200,7 @@ def fit_loop(method: Method, opts: LoopOptions, selection: Selection, ema: Optio
     history: list[Epoch] = []
     start = 0
     if resume is not None:
-        payload = resume.load()
+        payload = resume.load(opts.desc)
         if payload is not None:
             Resumable.restore(payload, parts())
             history = history_from_json(payload["history"], method.scores_type)

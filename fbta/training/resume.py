@@ -70,17 +70,18 @@ class Resumable:
         with atomic_path(self.path, suffix=".pt") as tmp:
             torch.save(payload, tmp)
 
-    def load(self, log: Callable[[str], Any] = print) -> Optional[dict[str, Any]]:
-        """The saved payload if there is one from this configuration, else None (start afresh)."""
+    def load(self, who: str = "train", log: Callable[[str], Any] = print) -> Optional[dict[str, Any]]:
+        """The saved payload if there is one from this configuration, else None (start afresh); ``who``
+        starts the log lines (the stage)."""
         if not self.path.is_file():
             return None
         try:
             payload = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # unreadable: it cannot be trusted, and the epochs are cheap to redo
-            log(f"train: ignoring {self.path} ({type(exc).__name__}: {exc}); starting afresh")
+            log(f"{who}: ignoring {self.path} ({type(exc).__name__}: {exc}); starting afresh")
             return None
         if payload.get("version") != VERSION or payload.get("fingerprint") != self.fingerprint:
-            log(f"train: {self.path} is from another configuration; starting afresh")
+            log(f"{who}: {self.path} is from another configuration; starting afresh")
             return None
         return payload
 

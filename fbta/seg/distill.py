@@ -100,7 +100,7 @@ class SegDistill(SegMethod):
                 f"{self.best_so_far:.3f}) is now the teacher"] if swapped else []
 
     def postfix(self, record: Epoch) -> dict[str, str]:
-        return {**super().postfix(record), "best": f"{self.best_so_far:.3f}", "swaps": str(len(self.reversals))}
+        return {**super().postfix(record), "best_f1": f"{self.best_so_far:.3f}", "swaps": str(len(self.reversals))}
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_so_far": self.best_so_far, "candidate": self.candidate or {}, "reversals": self.reversals}

@@ -100,6 +100,12 @@ class Run:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and not math.isnan(v)]
         self._guard("metrics", "log_batch", metrics=items)
 
+    def log_epoch(self, record: Any) -> dict[str, float]:
+        """One training epoch's record (fbta.training.loop.Epoch) as metrics at step = its number; returns them."""
+        row = {k: v for k, v in record.as_row().items() if k not in ("epoch", "best")}
+        self.log_metrics(row, step=record.epoch)
+        return row
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.active:  # tracking off: not even MLflow's import (2 s) is paid
             return

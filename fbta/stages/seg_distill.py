@@ -78,11 +78,13 @@ def run(cfg: DictConfig) -> int:
         meta["mlflow_run_id"] = mlrun.run_id
 
         def on_epoch(ep, improved: bool) -> None:  # noqa: ANN001
-            mlrun.log_metrics({k: v for k, v in ep.as_row().items() if k != "epoch"}, step=ep.epoch)
+            mlrun.log_epoch(ep)
 
         resume = resumable(cfg, folder, fp, seg_teacher.meta)
         result = fit_distill(teacher, student, teacher_val.f1, sets["train"], sets["val"], opts, dopts, device, on_epoch,
                              floor=floor, resume=resume)
+        for ep in result.history[:result.resumed_from]:  # this MLflow run gets the whole curve
+            mlrun.log_epoch(ep)
         beats = bool(result.extra["beats_baselines"])
         student.load_state_dict(result.best_state)
         test, test_probs = evaluate(student, sets["test"], opts, device)

@@ -58,13 +58,15 @@ def run(cfg: DictConfig) -> int:
                            if isinstance(v, (int, float))})
 
         def on_epoch(ep, improved: bool) -> None:  # noqa: ANN001
-            mlrun.log_metrics({k: v for k, v in ep.as_row().items() if k != "epoch"}, step=ep.epoch)
+            mlrun.log_epoch(ep)
             if improved:
                 save_segmenter(folder, net, {**meta, "epoch": ep.epoch, "val_f1": ep.val.f1, "beats_baselines": True,
                                              "complete": False})
 
         resume = resumable(cfg, folder, fp)
         result = fit_teacher(net, sets["train"], sets["val"], opts, device, on_epoch, resume=resume)
+        for ep in result.history[:result.resumed_from]:  # this MLflow run gets the whole curve
+            mlrun.log_epoch(ep)
         net.load_state_dict(result.best_state)
         beats = bool(result.extra["beats_baselines"])
         test, test_probs = evaluate(net, sets["test"], opts, device)

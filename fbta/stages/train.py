@@ -146,8 +146,7 @@ def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
             save_checkpoint(folder, states, {**meta, **extra})
 
         def after_epoch(ep: Epoch, best_state: dict | None) -> None:
-            row = {k: v for k, v in ep.as_row().items() if k not in ("epoch", "best")}
-            mlrun.log_metrics(row, step=ep.epoch)
+            row = mlrun.log_epoch(ep)
             if best_state is not None:
                 save(best_state, {**_best(ep), "complete": False})
             if on_epoch is not None:
@@ -157,8 +156,8 @@ def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
         rows = [e.as_row() for e in result.history]
         if result.resumed_from:  # this MLflow run gets the whole curve; the killed run keeps its part
             mlrun.set_tags({"fbta.resumed_from_epoch": str(result.resumed_from)})
-            for row in rows[:result.resumed_from]:
-                mlrun.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "best")}, step=int(row["epoch"]))
+            for ep in result.history[:result.resumed_from]:
+                mlrun.log_epoch(ep)
         final = {**meta, **_best(result.best), "epochs_run": len(rows), "stopped_early": result.stopped_early,
                  "seconds": round(time.time() - started, 2), "complete": True}
         save(result.best_state, {k: v for k, v in final.items() if k not in meta})

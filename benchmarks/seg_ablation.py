@@ -2,8 +2,9 @@
 
 Uses the patch caches of an already-run ``fbta seg-teacher`` (``--out``) and
 the library directly (no MLflow). Per seed: a teacher, then a student with the
-full method; on the first seed also the ablations: no weighted CE, no role
-reversal, block-wise KD instead of fusion KD. The trivial all-background and
+default method; on the ablation seeds (``--ablation-seeds``, default the first) also
+the variants of ``--variants``: the authors' weighted CE on (``weighted_ce``; off by
+default since #15), no role reversal, block-wise KD instead of fusion KD. The trivial all-background and
 all-tumour maps are scored beside them on the same test patches, and every
 row says whether its selected epoch beat them on validation. Writes the table
 incrementally to reports/bench/seg_ablation.json and a row to BENCHMARKS.md at

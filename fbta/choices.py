@@ -13,6 +13,11 @@ from enum import StrEnum
 class Choice(StrEnum):
     """A fixed set of values: OmegaConf refuses anything else at load time, naming the key and the choices."""
 
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        """The choices as plain strings (what library code checks typed options against)."""
+        return tuple(c.value for c in cls)
+
 
 class SynthStyle(Choice):
     texture = "texture"

@@ -31,7 +31,7 @@ from fbta.e2e.diagnostics import slide_on_tumour
 from fbta.io.h5 import _py, patch_attrs, read_coords, read_features, require_coords  # noqa: F401 (patch_attrs re-exported)
 from fbta.mil.data import BagItem
 
-SAMPLING = tuple(c.value for c in Sampling)  # the schema's choices (fbta/choices.py), as plain strings
+SAMPLING = Sampling.values()  # the schema's choices (fbta/choices.py), as plain strings
 
 
 class ClusterError(InputError):

@@ -39,7 +39,7 @@ from fbta.features.registry import Extractor
 from fbta.mil.registry import MILHead
 from fbta.training.ema import ema_update, frozen_copy as _frozen_copy
 
-VIEWS = tuple(c.value for c in View)  # the schema's choices (fbta/choices.py), as plain strings
+VIEWS = View.values()  # the schema's choices (fbta/choices.py), as plain strings
 
 
 @dataclass

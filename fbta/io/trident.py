@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from fbta.choices import LinkMode
 
-LINK_MODES = tuple(c.value for c in LinkMode)  # the schema's choices (fbta/choices.py), as plain strings
+LINK_MODES = LinkMode.values()  # the schema's choices (fbta/choices.py), as plain strings
 
 
 def trident_root_name(coords_attrs: Mapping[str, Any]) -> str:

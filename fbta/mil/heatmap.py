@@ -21,7 +21,7 @@ from fbta.mil.metrics import binary_auc
 
 LEGEND_W = 96  # px added on the right for the colour bar
 CAPTION_H = 22  # px added at the bottom for the caption
-NORMALISE = tuple(c.value for c in HeatmapNormalize)  # the schema's choices (fbta/choices.py), as plain strings
+NORMALISE = HeatmapNormalize.values()  # the schema's choices (fbta/choices.py), as plain strings
 
 
 def normalise(scores: np.ndarray, how: str = "percentile") -> np.ndarray:

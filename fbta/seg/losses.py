@@ -64,7 +64,7 @@ def distill_dice_loss(student: SegOutput, teacher: SegOutput, labels: Tensor, kd
     return sum(weak_dice(m, t.detach(), positive).sum() for m, t in zip(student.maps(), targets))  # type: ignore
 
 
-CE_FORMS = tuple(c.value for c in CEForm)  # the schema's choices (fbta/choices.py), as plain strings
+CE_FORMS = CEForm.values()  # the schema's choices (fbta/choices.py), as plain strings
 
 
 def pixel_ce(p: Tensor, y: Tensor, form: str = "authors") -> Tensor:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 LABELS = ("normal", "tumour")  # negative, positive
 SPLITS = ("train", "val", "test")
-STYLES = tuple(c.value for c in SynthStyle)  # the schema's choices (fbta/choices.py), as plain strings
+STYLES = SynthStyle.values()  # the schema's choices (fbta/choices.py), as plain strings
 _SLIDE_STREAM, _LABEL_STREAM = 1, 2  # RNG stream ids under the cohort seed
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from fbta.choices import EmaEvery
 
-EMA_EVERY = tuple(c.value for c in EmaEvery)  # the schema's choices (fbta/choices.py), as plain strings
+EMA_EVERY = EmaEvery.values()  # the schema's choices (fbta/choices.py), as plain strings
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -14,7 +14,6 @@ best-scoring epoch is kept as a fallback and the result says
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -226,7 +225,3 @@ def fit_teacher(net: SideOutputNet, train: PatchSet, val: PatchSet, opts: SegOpt
     if opts.loss not in ("dice", "gmp_bce"):
         raise ValueError(f"seg.teacher.loss='{opts.loss}' must be dice or gmp_bce")
     return run_seg(SegTeacher(net, train, val, opts, device, floor), opts, device, on_epoch, resume)
-
-
-def clone_net(net: SideOutputNet) -> SideOutputNet:
-    return copy.deepcopy(net)

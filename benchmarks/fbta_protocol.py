@@ -69,9 +69,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -79,6 +82,8 @@ from typing import Any, Mapping, Optional, Sequence
 from common import ROOT, machine, record
 from protocol_design import (Arm, budget_of, budget_warnings, check_overrides, fewshot_splits, kfold_splits,
                              mirror_epochs, pairs_of, parse_arm, split_labels_csv)
+from extractor_controls import probe
+from protocol_controls import ProbeSets, extractor_probes, recovered_share, run_oracle
 from protocol_stats import (clean, constant_baselines, epoch_seconds, headline, history_diagnostics,
                             markdown, paired_table, pooled_features, pooled_probe, summarise, unit_key)
 
@@ -103,14 +108,17 @@ class Context:
     common: tuple[str, ...]
     reextract: bool
     keep_models: bool
+    probes: Optional[ProbeSets] = None  # --probe-patches: the held-out patch probe of every extractor
+    threads: int = 0  # torch threads per unit (--jobs > 1: 1, so parallel units do not fight over cores)
 
 
-def _cli(args: list[str], log: Path) -> None:
+def _cli(args: list[str], log: Path, threads: int = 0) -> None:
     cmd = [sys.executable, "-m", "fbta", *args]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})}
     with log.open("a") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n")
         fh.flush()
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise UnitFailed(f"`fbta {args[0]}` exited {rc}; log {log}:\n{tail}")
@@ -124,40 +132,79 @@ def unit_overrides(ctx: Context, arm: Arm, seed: int, out: Path, labels_csv: Pat
     return [*ctx.common, *arm.overrides, *fixed]
 
 
-def run_unit(ctx: Context, arm: Arm, split: str, seed: int, labels_csv: Path) -> dict[str, Any]:
+def run_unit(ctx: Context, arm: Arm, split: str, seed: int, labels_csv: Path,
+             part: Optional[dict[str, str]] = None) -> dict[str, Any]:
     out = ctx.out_root / split / arm.slug / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     clusters = out / "clusters"
     if not clusters.exists() and not clusters.is_symlink() and (ctx.data / "clusters").is_dir():
         clusters.symlink_to((ctx.data / "clusters").resolve())
-    ov = unit_overrides(ctx, arm, seed, out, labels_csv)
-    params = ["--params", str(ctx.params)]
     log = out / "log.txt"
     t0 = time.time()
-    _cli(["train", *ov, *params], log)
-    t_train = time.time() - t0
-    if arm.method == "fbta":
-        _cli(["infer", *ov, f"infer.reextract={str(ctx.reextract).lower()}", *params], log)
+    if arm.method == "oracle":
+        if ctx.masks is None or ctx.probes is None or part is None:
+            raise UnitFailed(f"{arm.spec}: the oracle needs annotation masks (--masks) and --probe-patches > 0")
+        vanilla = Arm(arm.spec, arm.arch, "vanilla", arm.overrides)
+
+        def head(features: Path) -> dict[str, Any]:  # the MIL head on the oracle's features, vanilla's budget
+            own = Context(**{**ctx.__dict__, "features": features})
+            return _train_and_test(own, vanilla, seed, out, labels_csv, log)
+
+        torch_threads(ctx.threads)
+        ov = [*ctx.common, *arm.overrides, f"train.seed={seed}"]
+        res = run_oracle(ctx.params, ov, part, split, seed, ctx.probes, out, head)
+        unit = {**res, "arm": arm.spec, "method": "oracle", "test": {"oracle": res["test"].get("vanilla", {})}}
+        unit.pop("unit_test", None)
     else:
-        _cli(["evaluate", *ov, *params], log)
-    wall = time.time() - t0
+        unit = _train_and_test(ctx, arm, seed, out, labels_csv, log)
+        unit.pop("unit_test")
+        folder = out / "models" / f"{arm.method}_{arm.arch}"
+        if ctx.probes is not None and part is not None and arm.method in ("fbta", "e2e"):
+            torch_threads(ctx.threads)
+            sets = ctx.probes.of(split, part)
+            unit["probe"] = {"frozen": round(probe(None, *sets), 4), **extractor_probes(folder, sets)}
+        if not ctx.keep_models:
+            for p in folder.glob("*.pt"):
+                p.unlink()
+    unit.update(split=split, seed=seed, wall_seconds=round(time.time() - t0, 2), folder=str(out))
+    return unit
+
+
+def torch_threads(n: int) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _train_and_test(ctx: Context, arm: Arm, seed: int, out: Path, labels_csv: Path, log: Path) -> dict[str, Any]:
+    """``fbta train`` then ``fbta infer`` (fbta, e2e) or ``fbta evaluate`` (vanilla): the unit's record."""
+    ov = unit_overrides(ctx, arm, seed, out, labels_csv)
+    params = ["--params", str(ctx.params)]
+    t0 = time.time()
+    _cli(["train", *ov, *params], log, ctx.threads)
+    t_train = time.time() - t0
+    if arm.method in ("fbta", "e2e"):  # e2e: re-extraction is its real score
+        reextract = "true" if arm.method == "e2e" else str(ctx.reextract).lower()
+        _cli(["infer", *ov, f"infer.reextract={reextract}", *params], log, ctx.threads)
+    else:
+        _cli(["evaluate", *ov, *params], log, ctx.threads)
     folder = out / "models" / f"{arm.method}_{arm.arch}"
     meta = json.loads((folder / "meta.json").read_text())
     cls = json.loads((out / "reports" / "metrics.json").read_text())["classification"]
     keep = ("auc", "acc", "f1", "n", "seconds", "speedup_translator", "agreement", "mean_abs_prob_gap")
     test = {v: {k: cls[v][k] for k in keep if k in cls[v]} for v in (arm.method, f"{arm.method}_reextract") if v in cls}
+    if arm.method == "e2e":  # its deployable path is re-extraction; its head on frozen features is a diagnostic
+        test = {"e2e": test.get("e2e_reextract", {}), "e2e_on_frozen": test.get("e2e", {})}
     epochs_run = int(meta.get("epochs_run", 0))
     per_epoch = epoch_seconds(folder / "history.csv")
-    unit = {"arm": arm.spec, "arch": arm.arch, "method": arm.method, "overrides": list(arm.overrides),
-            "split": split, "seed": seed, "test": test, "val_auc": meta.get("val_auc"),
+    return {"arm": arm.spec, "arch": arm.arch, "method": arm.method, "overrides": list(arm.overrides),
+            "test": test, "unit_test": test, "val_auc": meta.get("val_auc"),
             "best_epoch": meta.get("epoch"), "epochs_run": epochs_run, "stopped_early": meta.get("stopped_early"),
-            "train_seconds": round(t_train, 2), "wall_seconds": round(wall, 2),
+            "train_seconds": round(t_train, 2),
             "seconds_per_epoch": round(per_epoch if per_epoch is not None else t_train / max(epochs_run, 1), 3),
-            "diagnostics": history_diagnostics(folder / "history.csv"), "folder": str(out)}
-    if not ctx.keep_models:
-        for p in folder.glob("*.pt"):
-            p.unlink()
-    return unit
+            "extractor_steps": meta.get("extractor_steps"),
+            "diagnostics": history_diagnostics(folder / "history.csv")}
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -201,6 +248,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "only the default gets a BENCHMARKS.md row)")
     p.add_argument("--keep-models", action="store_true", help="keep each unit's *.pt files (default: deleted)")
     p.add_argument("--keep-going", action="store_true", help="a failed unit is reported, not fatal (retried next run)")
+    p.add_argument("--probe-patches", type=int, default=0,
+                   help="held-out patch probe of every extractor (frozen, each fbta/e2e arm's selected and last "
+                        "TFE*, the oracle's) on up to this many labelled patches per slide; needs masks (0: off)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="units run at once (each with 1 torch thread when > 1); results are the same")
     return p.parse_args(argv)
 
 
@@ -285,7 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "val_fraction": args.val_fraction, "draws": args.draws, "train_per_class": args.train_per_class,
                 "val_per_class": args.val_per_class, "split_seed": args.split_seed, "common_overrides": common,
                 "params": str(params), "data": str(data), "features": str(features), "labels": str(labels_path),
-                "reextract": args.reextract, "probe_c": args.probe_c}
+                "reextract": args.reextract, "probe_c": args.probe_c, "probe_patches": args.probe_patches}
     state: dict[str, Any] = json.loads(results.read_text()) if results.exists() else {}
     if state.get("settings") not in (None, settings):
         old = state["settings"]
@@ -295,7 +347,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     units: dict[str, dict[str, Any]] = state.get("units", {})
     out_root = (args.out / name).resolve()
-    ctx = Context(out_root, params, data, slides, features, masks, tuple(common), args.reextract, args.keep_models)
+    if args.probe_patches and masks is None:
+        print("fbta_protocol: error: --probe-patches needs annotation masks (--masks or <data>/masks)", file=sys.stderr)
+        return 2
+    probes = ProbeSets(features, slides, masks, labels, args.probe_patches) if args.probe_patches else None
+    ctx = Context(out_root, params, data, slides, features, masks, tuple(common), args.reextract, args.keep_models,
+                  probes, 1 if args.jobs > 1 else 0)
 
     # per-split labels.csv (identical for every arm and seed) and the baselines
     pooled = pooled_features({s: files[s] for s in labels})
@@ -323,27 +380,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                for s, part in splits.items()}}
     todo = [(a, s, seed) for s in run_splits for seed in args.seeds for a in arms]
     failed: list[str] = []
-    for i, (arm, sname, seed) in enumerate(todo, 1):
+    lock = threading.Lock()
+
+    def one(i: int, arm: Arm, sname: str, seed: int) -> None:
         key = unit_key(arm.spec, sname, seed)
         if key in units:
             print(f"[{i}/{len(todo)}] {key}: done before, skipped", flush=True)
-            continue
+            return
         print(f"[{i}/{len(todo)}] {key} ...", flush=True)
         try:
-            u = run_unit(ctx, arm, sname, seed, split_csv[sname])
+            u = run_unit(ctx, arm, sname, seed, split_csv[sname], splits[sname])
         except UnitFailed as exc:
+            with lock:
+                failed.append(key)
             if not args.keep_going:
-                print(f"fbta_protocol: unit {key} failed: {exc}", file=sys.stderr)
-                return 1
+                raise
             print(f"  FAILED (continuing): {exc}", file=sys.stderr, flush=True)
-            failed.append(key)
-            continue
-        units[key] = u
-        _write(results, {**state, **payload_base, "baselines": {**state.get("baselines", {}), **baselines},
-                         "units": units})
+            return
+        with lock:
+            units[key] = u
+            _write(results, {**state, **payload_base, "baselines": {**state.get("baselines", {}), **baselines},
+                             "units": units})
         m = u["test"].get(arm.method, {})
-        print(f"  test AUC {m.get('auc')}, ACC {m.get('acc')}, F1 {m.get('f1')}; val AUC {u['val_auc']}; best epoch "
-              f"{u['best_epoch']}/{u['epochs_run']}; {u['wall_seconds']:.0f} s", flush=True)
+        pr = f"; probe {u['probe']}" if u.get("probe") else ""
+        print(f"  {key}: test AUC {m.get('auc')}, ACC {m.get('acc')}, F1 {m.get('f1')}; val AUC {u.get('val_auc')}; "
+              f"best epoch {u.get('best_epoch')}/{u.get('epochs_run')}; {u['wall_seconds']:.0f} s{pr}", flush=True)
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for f in [pool.submit(one, i, *t) for i, t in enumerate(todo, 1)]:
+                f.result()
+    except UnitFailed as exc:
+        print(f"fbta_protocol: unit {failed[-1] if failed else ''} failed: {exc}", file=sys.stderr)
+        return 1
 
     all_baselines = {**state.get("baselines", {}), **baselines}
     arm_specs = [a.spec for a in arms]
@@ -355,13 +424,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pairs = pairs_of(arms) + [(a.spec, "[probe]") for a in arms]
     paired = paired_table(mine, pairs, all_baselines, args.boot, args.boot_seed)
     title = f"fbta_protocol {name}: {desc}, seeds {args.seeds}"
-    table = markdown(summary, paired, title)
+    shares = [r for r in (recovered_share(mine, arch, args.boot, args.boot_seed)
+                          for arch in sorted({a.arch for a in arms})) if r is not None]
+    table = markdown(summary, paired, title, shares)
     print("\n" + table)
     for w in warnings:
         print(f"WARNING: {w}")
     payload = {**state, **payload_base, "baselines": all_baselines, "units": units, "summary": summary,
-               "paired": paired, "table_md": table, "failed": failed}
-    line = headline(summary, paired, title)
+               "paired": paired, "recovered_share": shares, "table_md": table, "failed": failed}
+    line = headline(summary, paired, title) + "".join(
+        f" | {s['arch']} recovered share {s['share']} [{s['lo']}, {s['hi']}]" for s in shares)
     if results == default_results.resolve():
         record(bench_name, clean(payload), line)
     else:

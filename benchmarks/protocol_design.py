@@ -22,6 +22,8 @@ import numpy as np
 import common  # noqa: F401  (project root first on sys.path: `fbta` is the package, not benchmarks/fbta.py)
 
 FIXED_PREFIXES = ("data.", "train.method", "mil.arch", "train.seed", "train.fold")
+# vanilla and fbta; e2e (the end-to-end bound) and oracle (patch targets): the controls, benchmarks/protocol_controls.py
+METHODS = ("vanilla", "fbta", "e2e", "oracle")
 
 
 # -- arms -------------------------------------------------------------------------------------
@@ -47,8 +49,8 @@ class Arm:
 def parse_arm(spec: str) -> Arm:
     """``arch:method[:key=value;key=value]`` → an Arm (a ValueError names what is wrong)."""
     parts = spec.split(":", 2)
-    if len(parts) < 2 or not parts[0] or parts[1] not in ("vanilla", "fbta"):
-        raise ValueError(f"arm '{spec}': expected arch:method[:key=value;...] with method vanilla or fbta")
+    if len(parts) < 2 or not parts[0] or parts[1] not in METHODS:
+        raise ValueError(f"arm '{spec}': expected arch:method[:key=value;...] with method one of {', '.join(METHODS)}")
     overrides = tuple(kv.strip() for kv in (parts[2] if len(parts) > 2 else "").split(";") if kv.strip())
     check_overrides(overrides, f"arm '{spec}'")
     return Arm(spec, parts[0], parts[1], overrides)
@@ -65,14 +67,16 @@ def check_overrides(overrides: Iterable[str], where: str) -> None:
 
 
 def pairs_of(arms: Sequence[Arm]) -> list[tuple[str, str]]:
-    """(A, B) comparisons, A − B: X:fbta − X:vanilla per head; an arm with overrides − its plain arch:method."""
+    """(A, B) comparisons, A − B: X:fbta, X:e2e, X:oracle − X:vanilla per head, X:fbta − X:e2e; an arm with
+    overrides − its plain arch:method."""
     specs = {a.spec for a in arms}
     out: list[tuple[str, str]] = []
     for a in arms:
         if a.overrides and a.base in specs:
             out.append((a.spec, a.base))
-        elif not a.overrides and a.method == "fbta" and f"{a.arch}:vanilla" in specs:
+        elif not a.overrides and a.method != "vanilla" and f"{a.arch}:vanilla" in specs:
             out.append((a.spec, f"{a.arch}:vanilla"))
+    out += [(f"{a.arch}:fbta", a.spec) for a in arms if a.spec == f"{a.arch}:e2e" and f"{a.arch}:fbta" in specs]
     return out
 
 
@@ -185,7 +189,7 @@ def budget_of(params: Path, overrides: Sequence[str], method: str) -> dict[str, 
 
     cfg = load_config(params, overrides)
     sel = lambda key: OmegaConf.select(cfg, key, default=None)  # noqa: E731
-    if method == "fbta":
+    if method in ("fbta", "e2e"):  # the oracle's head trains as vanilla's does
         epochs = sel("fbta.epochs") if sel("fbta.epochs") is not None else sel("train.epochs")
         ema = {"alpha": sel("fbta.ema_alpha"), "every": sel("fbta.ema_every"), "warmup": sel("fbta.ema_warmup")}
     else:

@@ -164,8 +164,11 @@ def summarise(units: Mapping[str, Mapping[str, Any]], arms: Sequence[str], basel
         re_ = [u["test"].get(f"{u['method']}_reextract", {}).get("auc") for u in us]
         if any(v is not None for v in re_):
             row["reextract_auc"] = mean_sd(re_)
-        for k in ("val_auc", "best_epoch", "epochs_run", "seconds_per_epoch", "wall_seconds"):
+        for k in ("val_auc", "best_epoch", "epochs_run", "seconds_per_epoch", "wall_seconds", "extractor_steps"):
             row[k] = mean_sd(u.get(k) for u in us)
+        probes = sorted({k for u in us for k in u.get("probe", {})})
+        if probes:  # the held-out patch probe of the frozen features and of this arm's extractors
+            row["probe"] = {k: mean_sd(u.get("probe", {}).get(k) for u in us) for k in probes}
         diag = sorted({k for u in us for k in u.get("diagnostics", {})})
         row["diagnostics"] = {k: mean_sd(u["diagnostics"].get(k) for u in us) for k in diag}
         out[arm] = row
@@ -223,7 +226,8 @@ def _delta(d: Mapping[str, float]) -> str:
     return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
 
 
-def markdown(summary: Mapping[str, Mapping[str, Any]], paired: Sequence[Mapping[str, Any]], title: str) -> str:
+def markdown(summary: Mapping[str, Mapping[str, Any]], paired: Sequence[Mapping[str, Any]], title: str,
+             shares: Sequence[Mapping[str, Any]] = ()) -> str:
     lines = [f"### {title}", "", "| arm | units | test AUC | test ACC | test F1 | re-extract AUC | val AUC | "
              "best epoch | epochs | s/epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, r in summary.items():
@@ -235,6 +239,21 @@ def markdown(summary: Mapping[str, Mapping[str, Any]], paired: Sequence[Mapping[
     for p in paired:
         lines.append(f"| {p['a']} − {p['b']} | {p['auc']['n']} | {_delta(p['auc'])} | {_delta(p['acc'])} | "
                      f"{_delta(p['f1'])} | {'/'.join(map(str, p['auc_wins']))} |")
+    if shares:
+        lines += ["", "FBTA's recovered share of the end-to-end gain, mean(FBTA − vanilla) / mean(e2e − vanilla) "
+                  "[bootstrap 95 % interval over units]:", "", "| head | units | FBTA − vanilla | e2e − vanilla | share |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {s['arch']} | {s['n']} | {s['fbta_minus_vanilla']:+.3f} | {s['e2e_minus_vanilla']:+.3f} | "
+                  f"{s['share']} [{s['lo']}, {s['hi']}] |" for s in shares]
+    probe_arms = {a: r["probe"] for a, r in summary.items() if r.get("probe")}
+    if probe_arms:
+        lines += ["", "Held-out patch probe AUC (frozen features; the arm's selected and last extractor) and the "
+                  "extractor steps received (selected / last):", "",
+                  "| arm | frozen | selected | last | steps selected | steps last |", "|---|---|---|---|---|---|"]
+        for a, d in probe_arms.items():
+            c = lambda k, digits=3: _cell(d[k], digits) if k in d else ""  # noqa: E731
+            lines.append(f"| {a} | {c('frozen')} | {c('selected')} | {c('last')} | {c('steps_selected', 0)} | "
+                         f"{c('steps_last', 0)} |")
     diag_arms = {a: r["diagnostics"] for a, r in summary.items() if r.get("diagnostics")}
     if diag_arms:
         cols = sorted({k for d in diag_arms.values() for k in d})

@@ -24,6 +24,11 @@ class SynthStyle(Choice):
     drawn = "drawn"
 
 
+class SynthDesign(Choice):
+    detection = "detection"  # normal vs tumour slides: a tumour region on a share of the positives' tissue
+    subtyping = "subtyping"  # two tumour subtypes: tumour-rich tissue in both classes, a subtle nuclear difference
+
+
 class KMeansMethod(Choice):
     auto = "auto"
     torch = "torch"
@@ -35,6 +40,7 @@ class KMeansMethod(Choice):
 class TrainMethod(Choice):
     vanilla = "vanilla"
     fbta = "fbta"
+    e2e = "e2e"  # the upper bound FBTA approximates: the extractor trained on whole bags, no translator
 
 
 class EmaEvery(Choice):
@@ -45,6 +51,7 @@ class EmaEvery(Choice):
 class Sampling(Choice):
     kmeans = "kmeans"
     random = "random"
+    all = "all"  # every patch of the slide (at most fbta.max_bag): the end-to-end bound's bag
 
 
 class View(Choice):

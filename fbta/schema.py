@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from fbta.choices import (CEForm, EmaEvery, ExportLayout, Fusion, HeatmapNormalize, KD, KMeansMethod, LinkMode,
-                          Sampling, StudentInit, SynthStyle, TaskRunner, TeacherLoss, TrainMethod, View)
+                          Sampling, StudentInit, SynthDesign, SynthStyle, TaskRunner, TeacherLoss, TrainMethod, View)
 
 
 @dataclass
@@ -50,6 +50,10 @@ class SynthCfg:
     style: SynthStyle = SynthStyle.texture  # texture: real H&E (CMU-1) mosaic + tumour cytology | drawn: the Beer-Lambert dot-nuclei model
     stain_sd: float = 0.15  # texture: per-slide log-scale s.d. of haematoxylin and eosin density (lab/scanner spread)
     texture: Optional[str] = None  # texture: source image; None: fbta/synth/assets/cmu1_region.jpg
+    # detection: normal vs tumour slides (tumour_fraction of the positives' tissue) | subtyping: every slide carries
+    # tumour on tumour_fraction of its tissue; the two classes' tumours differ by subtype_delta (texture style only)
+    design: SynthDesign = SynthDesign.detection
+    subtype_delta: float = 0.5  # subtyping: 0..1, how far subtype_b's nuclei (vesicular, larger) differ from subtype_a's
     val_fraction: float = 0.25
     test_fraction: float = 0.25
     mask_downsample: int = 16  # ground-truth mask resolution relative to level 0
@@ -170,6 +174,9 @@ class FBTACfg:
     epochs: Optional[int] = None  # FBTA epochs (each costs C·M extractor passes per slide); None: train.epochs
     m: int = 1  # M: instances drawn per cluster per epoch (paper: 1 or 2); memory grows with C·M, not N
     sampling: Sampling = Sampling.kmeans  # kmeans (stratified over cached clusters) | random (same C·M, the ablation)
+    # | all (every patch; train.method=e2e always uses it)
+    max_bag: int = 512  # sampling=all / train.method=e2e: at most this many patches per step (a random subset)
+    bags_per_slide: int = 1  # pseudo-bags (steps) per training slide and epoch: more extractor steps, same epochs
     views: List[View] = field(default_factory=lambda: [View.fb, View.eb, View.tb])  # bags in L_cls/L_cons: fb, eb, tb
     k: int = 10  # K translator heads
     hidden: int = 256  # translator hidden width (a bottleneck keeps K heads small: 10×2×D×256 weights); 0: D

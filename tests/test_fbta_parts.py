@@ -227,3 +227,24 @@ def test_a_frozen_extractor_gets_no_optimiser_group_and_no_gradient() -> None:
     tfe = create_extractor("test_efficientnet", weights="random")
     assert prepare_tfe(tfe, trainable=False, train_blocks=-1, freeze_bn=True) == []
     assert not any(p.requires_grad for p in tfe.parameters()) and not tfe.training
+
+
+def test_the_whole_bag_is_every_patch_or_a_uniform_subset_of_max_bag() -> None:
+    labels = np.zeros(50, np.int64)  # clusters play no part in a whole bag
+    assert np.array_equal(draw_subset(labels, 1, "all", np.random.default_rng(0)), np.arange(50))
+    capped = draw_subset(labels, 1, "all", np.random.default_rng(0), max_bag=20)
+    assert len(capped) == 20 and len(set(capped.tolist())) == 20 and np.all(np.diff(capped) > 0)
+    # a cap above N is no cap (a defect that sampled with replacement would repeat patches here)
+    assert np.array_equal(draw_subset(labels, 1, "all", np.random.default_rng(1), max_bag=80), np.arange(50))
+
+
+def test_more_bags_per_slide_give_more_steps_each_with_its_own_subset_seed() -> None:
+    labels = np.array([0, 0, 1, 1, 1])
+    plan = EpochPlan(labels, seed=0, balanced=False, per_slide=3)
+    steps = list(plan)
+    assert len(plan) == len(steps) == 15
+    assert sorted(i for i, _ in steps) == sorted(list(range(5)) * 3)  # a shuffle per pass: each slide 3 times
+    assert len({s for _, s in steps}) == 15  # no two steps draw the same pseudo-bag
+    assert len(list(EpochPlan(labels, seed=0, balanced=True, per_slide=2))) == 10
+    with pytest.raises(ValueError, match="bags_per_slide"):
+        EpochPlan(labels, seed=0, per_slide=0)

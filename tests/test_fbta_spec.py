@@ -70,6 +70,25 @@ def test_the_step_reports_l_dist_at_the_spec_scale() -> None:
     assert {"l_cls_fb", "l_cls_eb", "l_cls_tb"} <= set(stats)
     assert stats["l_cls"] == pytest.approx(stats["l_cls_fb"] + stats["l_cls_eb"] + stats["l_cls_tb"], rel=1e-5)
 
+
+
+def test_the_end_to_end_bound_step_has_one_view_and_no_translator_term() -> None:
+    """distill=False, views (eb,): L = CE(MIL(TFE(aug X)), y) only — the translator gets no gradient, TFE* is
+    never run (a defect that kept L_dist or the frozen view would show up in l_dist or in l_cls)."""
+    from fbta.e2e.pseudobags import PseudoBag
+
+    m = _models(k=3)
+    pixels = torch.randint(0, 256, (12, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        frozen = m.tfe_ema(m.tfe_ema.preprocess(pixels))
+    bag = PseudoBag(0, torch.tensor(1), frozen, torch.arange(12), pixels, 0.0)
+    stats = fbta_step(m, bag, 0.5, StepOptions(views=("eb",), consistency=False, distill=False), torch.device("cpu"),
+                      torch.Generator().manual_seed(0))
+    assert stats["l_dist"] == 0.0 and stats["l_cons"] == 0.0
+    assert stats["l_cls"] == pytest.approx(stats["l_cls_eb"]) and "l_cls_tb" not in stats
+    assert all(p.grad is None for p in m.translator.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.tfe.parameters())
+
 # ----------------------------------------------------------------------------- EMA
 
 

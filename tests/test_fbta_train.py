@@ -6,6 +6,7 @@ process: the whole FBTA path, just small.
 """
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -204,3 +205,28 @@ def test_fbta_training_killed_after_an_epoch_resumes_and_ends_with_the_models_of
         a = torch.load(folder / f, weights_only=True)
         b = torch.load(tmp_path / "ref" / "models" / "fbta_abmil" / f, weights_only=True)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_the_end_to_end_bound_trains_whole_bags_and_is_scored_by_reextraction(cohort, tmp_path: Path) -> None:
+    """`train.method=e2e`: the extractor on every patch of a bag, an identity translator, TFE* selected and last,
+    the step count in meta.json; `fbta infer` gives its real score as e2e_reextract."""
+    d, ov = cohort
+    shutil.copytree(d / "out", tmp_path / "out")
+    ov = [o for o in ov if not o.startswith("data.out=")] + [f"data.out={tmp_path}/out"]
+    assert fbta("train", *ov, "train.method=e2e", "fbta.epochs=2", "train.min_epochs=0", "fbta.max_bag=12") == 0
+    folder = tmp_path / "out" / "models" / "e2e_abmil"
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["method"] == "e2e" and meta["translator"]["k"] == 1
+    assert meta["extractor_steps"] == 2 * 4 and meta["extractor_steps_at_best"] == 4 * (meta["epoch"] + 1)
+    translator = torch.load(folder / "translator.pt", weights_only=True)
+    assert all(float(v.abs().sum()) == 0 for k, v in translator.items() if k.startswith("w2"))  # still the identity
+    start = create_extractor("test_efficientnet", weights="random").state_dict()
+    last = torch.load(folder / "extractor_last.pt", weights_only=True)
+    assert any(not torch.equal(v, start[k]) for k, v in last.items() if v.is_floating_point())
+    rows = list(csv.DictReader((folder / "history.csv").open()))
+    # whole bags capped at max_bag (FBTA's C·M = 4 here: a pseudo-bag would average ≤ 4 patches)
+    assert all(4 < float(r["n_subset"]) <= 12 for r in rows)
+    assert all(float(r["l_dist"]) == 0.0 for r in rows)
+    assert fbta("infer", *ov, "train.method=e2e") == 0
+    m = json.loads((tmp_path / "out" / "reports" / "metrics.json").read_text())["classification"]
+    assert {"e2e", "e2e_reextract"} <= set(m) and m["e2e_reextract"]["n"] == 2

@@ -82,8 +82,13 @@ def read_cluster_labels(path: Path, n_patches: int, n_clusters: int) -> np.ndarr
     return labels
 
 
-def draw_subset(labels: np.ndarray, m: int, sampling: str, rng: np.random.Generator) -> np.ndarray:
-    """M per cluster (stratified), or the same number of patches uniformly (the ablation)."""
+def draw_subset(labels: np.ndarray, m: int, sampling: str, rng: np.random.Generator,
+                max_bag: int = 0) -> np.ndarray:
+    """M per cluster (stratified), the same number of patches uniformly (the ablation), or every patch (``all``:
+    the end-to-end bound's whole bag; a uniform subset of ``max_bag`` when the slide has more, 0: no cap)."""
+    if sampling == "all":
+        n = labels.size
+        return random_pseudo_bag(n, n if max_bag <= 0 else min(n, max_bag), rng)
     if sampling == "kmeans":
         return stratified_pseudo_bag(labels, m, rng)
     if sampling == "random":
@@ -95,15 +100,18 @@ def draw_subset(labels: np.ndarray, m: int, sampling: str, rng: np.random.Genera
 class PseudoBags(Dataset):
     """``dataset[(i, seed)] -> PseudoBag`` for slide ``i``, its subset drawn with ``seed``."""
 
-    def __init__(self, sources: Sequence[SlideSource], m: int, sampling: str, n_clusters: int) -> None:
+    def __init__(self, sources: Sequence[SlideSource], m: int, sampling: str, n_clusters: int,
+                 max_bag: int = 0) -> None:
         if m < 1:
             raise ValueError(f"fbta.m must be ≥ 1, got {m}")
         if sampling not in SAMPLING:
             raise ValueError(f"fbta.sampling='{sampling}' must be one of {', '.join(SAMPLING)}")
         self.sources, self.m, self.sampling, self.n_clusters = list(sources), m, sampling, n_clusters
+        self.max_bag = int(max_bag)
         self._readers: dict[int, SlidePatches] = {}  # per worker: slide opened once
         for src in self.sources:  # fail before the first epoch, not in a worker hours later
-            read_cluster_labels(src.clusters_path, src.item.n, n_clusters)
+            if sampling != "all":  # a whole bag needs no clusters
+                read_cluster_labels(src.clusters_path, src.item.n, n_clusters)
         # per-patch "centre on tumour" flags of the slides with a mask (diagnostics only), computed once
         self.on_tumour: list[Optional[np.ndarray]] = [
             slide_on_tumour(src.mask_path, *read_coords(src.item.path)) if src.mask_path is not None else None
@@ -124,8 +132,9 @@ class PseudoBags(Dataset):
         require_coords(src.item.path, attrs, "FBTA (it reads the pseudo-bags' patches from the slide)")
         if not np.isfinite(feats).all():
             raise ValueError(f"{src.item.path}: features contain NaN or inf")
-        clusters = read_cluster_labels(src.clusters_path, len(feats), self.n_clusters)
-        idx = draw_subset(clusters, self.m, self.sampling, np.random.default_rng(seed))
+        clusters = (np.zeros(len(feats), np.int64) if self.sampling == "all"
+                    else read_cluster_labels(src.clusters_path, len(feats), self.n_clusters))
+        idx = draw_subset(clusters, self.m, self.sampling, np.random.default_rng(seed), self.max_bag)
         reader = self._reader(i, coords, attrs)
         pixels = torch.stack([reader[int(j)] for j in idx])
         on = self.on_tumour[i]
@@ -147,17 +156,22 @@ class EpochPlan(Sampler):
     """Which slides an epoch visits, in what order, each with its own subset seed.
 
     Class-balanced draws with replacement (as the vanilla trainer) or a shuffle;
-    call :meth:`set_epoch` before each epoch (the loader's workers persist).
+    ``per_slide`` pseudo-bags per slide and epoch (more extractor steps without
+    more validation passes); call :meth:`set_epoch` before each epoch (the
+    loader's workers persist).
     """
 
-    def __init__(self, labels: np.ndarray, seed: int, balanced: bool = True) -> None:
+    def __init__(self, labels: np.ndarray, seed: int, balanced: bool = True, per_slide: int = 1) -> None:
         self.labels, self.seed, self.balanced, self.epoch = np.asarray(labels), int(seed), balanced, 0
+        if per_slide < 1:
+            raise ValueError(f"fbta.bags_per_slide must be ≥ 1, got {per_slide}")
+        self.per_slide = int(per_slide)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.labels) * self.per_slide
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -165,8 +179,10 @@ class EpochPlan(Sampler):
         if self.balanced:
             counts = np.bincount(self.labels)
             p = 1.0 / counts[self.labels]
-            order = rng.choice(n, size=n, replace=True, p=p / p.sum())
-        else:
+            order = rng.choice(n, size=n * self.per_slide, replace=True, p=p / p.sum())
+        elif self.per_slide == 1:
             order = rng.permutation(n)
+        else:
+            order = np.concatenate([rng.permutation(n) for _ in range(self.per_slide)])
         for step, i in enumerate(order):
             yield int(i), int(np.random.SeedSequence([self.seed, self.epoch, step, int(i)]).generate_state(1)[0])

@@ -20,8 +20,18 @@ def save_fbta_states(folder: Path, states: dict[str, dict[str, torch.Tensor]]) -
         torch.save(states["extractor"], tmp)
 
 
-def load_ema_extractor(folder: Path, meta: dict[str, Any], device: torch.device) -> Extractor:
-    """TFE* of an FBTA model folder (for the re-extraction comparison), ``weights_only`` loading."""
+EXTRACTOR_LAST = "extractor_last.pt"
+
+
+def save_last_extractor(folder: Path, tfe_ema: torch.nn.Module) -> None:
+    """TFE* as the last epoch left it (``extractor.pt`` is the selected epoch's): probes compare the two."""
+    with atomic_path(Path(folder) / EXTRACTOR_LAST, suffix=".pt") as tmp:
+        torch.save({k: v.detach().cpu() for k, v in tfe_ema.state_dict().items()}, tmp)
+
+
+def load_ema_extractor(folder: Path, meta: dict[str, Any], device: torch.device, last: bool = False) -> Extractor:
+    """TFE* of an FBTA model folder (for the re-extraction comparison), ``weights_only`` loading;
+    ``last``: the last epoch's (``extractor_last.pt``) instead of the selected epoch's."""
     from fbta.mil.checkpoint import CheckpointError, load_weights
 
     spec = meta.get("extractor")
@@ -29,4 +39,5 @@ def load_ema_extractor(folder: Path, meta: dict[str, Any], device: torch.device)
         raise CheckpointError(f"{folder}: not an FBTA model (meta.json has no extractor)")
     tfe = create_extractor(spec["extractor"], weights="random", trainable=False, device=device,
                            input_size=spec.get("input_size"))
-    return load_weights(tfe, Path(folder) / spec.get("file", EXTRACTOR), device, f"{spec['extractor']} extractor")
+    file = EXTRACTOR_LAST if last else spec.get("file", EXTRACTOR)
+    return load_weights(tfe, Path(folder) / file, device, f"{spec['extractor']} extractor")

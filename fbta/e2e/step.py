@@ -70,6 +70,7 @@ class FBTAModels:
 class StepOptions:
     views: Sequence[str] = VIEWS  # which bags enter L_cls and L_cons
     consistency: bool = True  # the EMA term L_cons
+    distill: bool = True  # the translator and L_dist (False: the end-to-end bound, which has no translator)
     augment: Augment = Augment()
     amp: bool = False  # bfloat16 autocast on CUDA (where bf16 is supported)
     amp_on_cpu: bool = False  # the same autocast on CPU: tests and the GPU check's CPU dry run exercise the path
@@ -108,12 +109,14 @@ def fbta_losses(m: FBTAModels, bag: PseudoBag, t_over_T: float, opts: StepOption
     f_sb = f_fb[bag.idx.to(device)]  # the pseudo-bag's frozen features F_SB
     x_sb = bag.pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)  # X_SB in [0, 1]
     f_eb = m.tfe(m.tfe.preprocess(opts.augment(x_sb, gen))).float()  # end-to-end bag F_EB
-    with torch.no_grad():
-        target = m.tfe_ema(m.tfe_ema.preprocess(x_sb)).float()  # TFE*(X_SB), not augmented
-    heads = m.translator.heads(f_sb).float()  # K×n×D
-    f_tb = heads.mean(0)  # translation bag F_TB
-    l_dist = distillation_loss(heads, target)
-    bags = {"fb": f_fb, "eb": f_eb, "tb": f_tb}
+    bags = {"fb": f_fb, "eb": f_eb}
+    l_dist = torch.zeros((), device=device)
+    if opts.distill:
+        with torch.no_grad():
+            target = m.tfe_ema(m.tfe_ema.preprocess(x_sb)).float()  # TFE*(X_SB), not augmented
+        heads = m.translator.heads(f_sb).float()  # K×n×D
+        bags["tb"] = heads.mean(0)  # translation bag F_TB
+        l_dist = distillation_loss(heads, target)
     l_cls = torch.zeros((), device=device)
     l_cons = torch.zeros((), device=device)
     per_view: dict[str, torch.Tensor] = {}  # CE of each view (diagnostics)

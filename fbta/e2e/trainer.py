@@ -53,6 +53,7 @@ class FBTAOptions:
     ema_warmup: bool = False  # decay min(α, (1+n)/(10+n)) for the n-th update (our choice)
     min_epochs: int = 0  # epochs before this one are never "best" nor count toward patience
     balanced: bool = True
+    bags_per_slide: int = 1  # steps per training slide and epoch
     seed: int = 0
     num_workers: int = 2
     prefetch: int = 2
@@ -129,7 +130,7 @@ class FBTA(Method):
         self.m, self.val, self.classes, self.o, self.device, self.probe = m, val, classes, o, device, probe
         self.optimiser = _optimiser(m, o)
         self.ema = EMA(m.teachers(), o.ema_alpha, o.ema_every, o.ema_warmup)
-        self.plan = EpochPlan(train.labels, o.seed, o.balanced)
+        self.plan = EpochPlan(train.labels, o.seed, o.balanced, o.bags_per_slide)
         # the loader's own generator: worker seeds must not draw from the global RNG that dropout uses, or a
         # resumed run (whose persistent workers start at a later epoch) would drift from an uninterrupted one
         self.loader = DataLoader(train, batch_size=None, sampler=self.plan, num_workers=o.num_workers,

@@ -22,6 +22,7 @@ from fbta.e2e.step import VIEWS, FBTAModels, StepOptions
 from fbta.e2e.trainer import FBTAOptions, prepare_tfe
 from fbta.e2e.states import EXTRACTOR
 from fbta.e2e.translator import Translator
+from fbta.e2e.full import ValSlide
 from fbta.features.registry import Extractor, create_extractor
 from fbta.mil.data import BagItem
 from fbta.mil.registry import MILHead
@@ -71,8 +72,15 @@ def probe_patches(cfg: DictConfig, val_items: Sequence[BagItem]) -> Optional[Pro
                         cfg.train.seed)
 
 
-def pseudo_bags(cfg: DictConfig, items: Sequence[BagItem]) -> PseudoBags:
-    return PseudoBags(slide_sources(cfg, items), cfg.fbta.m, cfg.fbta.sampling, cfg.cluster.n_clusters)
+def pseudo_bags(cfg: DictConfig, items: Sequence[BagItem], whole: bool = False) -> PseudoBags:
+    """FBTA's pseudo-bags; ``whole``: every patch (at most ``fbta.max_bag``), the end-to-end bound's bags."""
+    sampling = "all" if whole else str(cfg.fbta.sampling)
+    return PseudoBags(slide_sources(cfg, items), cfg.fbta.m, sampling, cfg.cluster.n_clusters, cfg.fbta.max_bag)
+
+
+def val_slides(cfg: DictConfig, items: Sequence[BagItem]) -> list[ValSlide]:
+    """The validation slides' files for the end-to-end bound's re-extracting validation."""
+    return [ValSlide(s.item.path, s.slide_path, s.csv_mpp) for s in slide_sources(cfg, items)]
 
 
 def build_tfe(cfg: DictConfig, in_dim: int, device: torch.device, features_weights: str | None) -> tuple[Extractor, list[str]]:
@@ -89,22 +97,29 @@ def build_tfe(cfg: DictConfig, in_dim: int, device: torch.device, features_weigh
     return tfe, units
 
 
-def build_models(cfg: DictConfig, head: MILHead, tfe: Extractor) -> FBTAModels:
+def build_models(cfg: DictConfig, head: MILHead, tfe: Extractor, identity: bool = False) -> FBTAModels:
+    """Head, translator and TFE; ``identity``: a fixed identity translator (the end-to-end bound has none)."""
     f = cfg.fbta
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + 7)  # translator init apart from the head's
-        translator = Translator(head.in_dim, f.k, f.hidden, f.layernorm)
+        translator = Translator(head.in_dim, 1, 1) if identity else Translator(head.in_dim, f.k, f.hidden, f.layernorm)
+    if identity:  # W2 = 0: h(x) = x, and it stays so
+        translator.requires_grad_(False)
     return FBTAModels(head, translator, tfe)
 
 
-def options(cfg: DictConfig) -> FBTAOptions:
+def options(cfg: DictConfig, e2e: bool = False) -> FBTAOptions:
+    """FBTA's typed options; ``e2e``: the end-to-end bound's (view eb only, no L_dist, no L_cons)."""
     f, t = cfg.fbta, cfg.train
     aug = Augment(**OmegaConf.to_container(f.augment, resolve=True))  # type: ignore[arg-type]
-    step = StepOptions(views=tuple(f.views), consistency=f.consistency, augment=aug, amp=f.amp)
+    if e2e:
+        step = StepOptions(views=("eb",), consistency=False, distill=False, augment=aug, amp=f.amp)
+    else:
+        step = StepOptions(views=tuple(f.views), consistency=f.consistency, augment=aug, amp=f.amp)
     return FBTAOptions(epochs=f.epochs if f.epochs is not None else t.epochs, patience=t.patience, lr=t.lr, translator_lr=f.translator_lr,
                        extractor_lr=f.extractor_lr, weight_decay=t.weight_decay, ema_alpha=f.ema_alpha,
                        ema_every=f.ema_every, ema_warmup=f.ema_warmup, min_epochs=t.min_epochs,
-                       balanced=t.balanced, seed=t.seed, num_workers=fit_workers(f.num_workers, "fbta.num_workers"),
+                       balanced=t.balanced, bags_per_slide=f.bags_per_slide, seed=t.seed, num_workers=fit_workers(f.num_workers, "fbta.num_workers"),
                        prefetch=f.prefetch, progress=cfg.run.progress, step=step)
 
 

@@ -27,9 +27,10 @@ from fbta.stages.milrun import check_method_and_arch, model_folder, variant
 
 def run(cfg: DictConfig) -> int:
     check_method_and_arch(cfg)
-    if cfg.train.method != "fbta":
+    if cfg.train.method not in ("fbta", "e2e"):
         raise ConfigError("fbta infer compares the translator and re-extraction paths of an FBTA model: "
-                          "set train.method=fbta (a vanilla model is scored by `fbta evaluate`)")
+                          "set train.method=fbta (or e2e, the end-to-end bound, whose real score is "
+                          "classification.e2e_reextract); a vanilla model is scored by `fbta evaluate`")
     folder = model_folder(cfg)
     device = resolve_device(cfg.train.device, "train.device")
     model = load_classifier(folder, device)

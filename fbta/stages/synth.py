@@ -16,10 +16,10 @@ def run(cfg: DictConfig) -> int:
     t0 = time.perf_counter()
     rows = make_cohort(cfg.synth, slides, Path(cfg.data.labels), masks, progress=cfg.run.progress)
     save_config(cfg, slides / "config.yaml")
-    n_pos = sum(r["label"] == "tumour" for r in rows)
+    counts = {lab: sum(r["label"] == lab for r in rows) for lab in sorted({r["label"] for r in rows})}
     splits = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
     print(
-        f"synth: {len(rows)} slides ({n_pos} tumour, {len(rows) - n_pos} normal; "
+        f"synth: {len(rows)} slides ({', '.join(f'{v} {k}' for k, v in counts.items())}; "
         f"train/val/test {splits['train']}/{splits['val']}/{splits['test']}) → {slides} "
         f"in {time.perf_counter() - t0:.1f} s"
     )

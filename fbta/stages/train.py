@@ -8,7 +8,10 @@ execution with per-epoch metrics.
 
 ``train.method=vanilla``: the head on cached frozen features.
 ``train.method=fbta``: end-to-end FBTA (fbta/e2e/); the folder also gets
-``translator.pt`` and ``extractor.pt`` (TFE*), and ``best.pt`` is the EMA head.
+``translator.pt`` and ``extractor.pt`` (TFE* of the selected epoch; ``extractor_last.pt``:
+of the last), and ``best.pt`` is the EMA head.
+``train.method=e2e``: the end-to-end bound (fbta/e2e/full.py) in FBTA's extractor
+configuration, whole bags, no translator (an identity ``translator.pt``).
 
 Both methods share the EMA (``train.ema_*`` for vanilla, ``fbta.ema_*`` for FBTA:
 same update, period and warm-up) and the selection rule (``train.min_epochs``,
@@ -91,7 +94,7 @@ def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
     """Train and save; ``on_epoch(epoch, metrics)`` after every epoch (tuning: report / prune by raising)."""
     check_method_and_arch(cfg)
     _check_train_config(cfg)
-    fbta = cfg.train.method == "fbta"
+    fbta = cfg.train.method in ("fbta", "e2e")  # both train FBTA's extractor (e2e: the end-to-end bound)
     if fbta:
         from fbta.stages.fbta_setup import check_fbta_config
 
@@ -159,7 +162,8 @@ def run(cfg: DictConfig, on_epoch: Optional[EpochHook] = None) -> int:
             for ep in result.history[:result.resumed_from]:
                 mlrun.log_epoch(ep)
         final = {**meta, **_best(result.best), "epochs_run": len(rows), "stopped_early": result.stopped_early,
-                 "seconds": round(time.time() - started, 2), "complete": True}
+                 "seconds": round(time.time() - started, 2), "complete": True,
+                 **{k: v for k, v in result.extra.items() if k.startswith("extractor_steps")}}
         save(result.best_state, {k: v for k, v in final.items() if k not in meta})
         write_csv(folder / "history.csv", rows)
         write_csv(out_dir(cfg, "reports", "plots") / f"train_{name}.csv", rows)
@@ -229,23 +233,44 @@ def _vanilla_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagData
 def _fbta_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset, device: torch.device,
               meta: dict, resume: Optional[Resumable]):
     """FBTA's models and data; adds the translator/extractor description to ``meta`` (in place)."""
-    from fbta.e2e.states import save_fbta_states
-    from fbta.stages.fbta_setup import build_models, build_tfe, fbta_meta, options, probe_patches, pseudo_bags
+    from fbta.e2e.states import save_fbta_states, save_last_extractor
+    from fbta.stages.fbta_setup import (build_models, build_tfe, fbta_meta, options, probe_patches, pseudo_bags,
+                                        val_slides)
     from fbta.e2e.trainer import fit_fbta
     from fbta.io.h5 import read_features
 
     first = cohort.parts["train"][0]
     weights = read_features(first.path)[2].get("weights")
+    e2e = cfg.train.method == "e2e"
     tfe, units = build_tfe(cfg, cohort.in_dim, device, weights)
-    models = build_models(cfg, head, tfe)
-    train_ds = pseudo_bags(cfg, cohort.parts["train"])
+    models = build_models(cfg, head, tfe, identity=e2e)
+    train_ds = pseudo_bags(cfg, cohort.parts["train"], whole=e2e)
     meta.update(fbta_meta(cfg, models, units))
-    opts = options(cfg)
+    opts = options(cfg, e2e=e2e)
     probe = probe_patches(cfg, cohort.parts["val"])
     n_train = sum(p.numel() for p in tfe.parameters() if p.requires_grad)
-    print(f"train: FBTA C={cfg.cluster.n_clusters} M={cfg.fbta.m} K={cfg.fbta.k} sampling={cfg.fbta.sampling} "
-          f"views={'+'.join(cfg.fbta.views)}; TFE {tfe.name} "
-          f"{'trainable: ' + str(len(units)) + ' units, ' + f'{n_train:,}' + ' parameters' if units else 'frozen'}; "
-          f"diagnostics on {len(probe) if probe is not None else 0} validation patches", flush=True)
-    return (lambda hook: fit_fbta(models, train_ds, val_ds, cohort.classes, opts, device, hook, resume, probe)), \
-        save_fbta_states
+    trainable = f"trainable: {len(units)} units, {n_train:,} parameters" if units else "frozen"
+    if e2e:
+        print(f"train: end-to-end bound, whole bags (≤ {cfg.fbta.max_bag} patches), view eb; TFE {tfe.name} "
+              f"{trainable}; validation by re-extracting {len(cohort.parts['val'])} slides", flush=True)
+    else:
+        print(f"train: FBTA C={cfg.cluster.n_clusters} M={cfg.fbta.m} K={cfg.fbta.k} sampling={cfg.fbta.sampling} "
+              f"views={'+'.join(cfg.fbta.views)}; TFE {tfe.name} {trainable}; "
+              f"diagnostics on {len(probe) if probe is not None else 0} validation patches", flush=True)
+    steps_per_epoch = len(cohort.parts["train"]) * opts.bags_per_slide
+    meta["extractor"]["steps_per_epoch"] = steps_per_epoch
+
+    def fit_model(hook):
+        if e2e:
+            from fbta.e2e.full import fit_e2e
+
+            result = fit_e2e(models, train_ds, val_ds, val_slides(cfg, cohort.parts["val"]), cohort.classes, opts,
+                             device, hook, resume, probe)
+        else:
+            result = fit_fbta(models, train_ds, val_ds, cohort.classes, opts, device, hook, resume, probe)
+        # TFE* after the last epoch beside the selected one's: did the extractor learn more than was deployed?
+        save_last_extractor(model_folder(cfg), models.tfe_ema)
+        result.extra.update(extractor_steps=steps_per_epoch * len(result.history),
+                            extractor_steps_at_best=steps_per_epoch * (result.best_epoch + 1))
+        return result
+    return fit_model, save_fbta_states

@@ -22,7 +22,8 @@ from fbta.synth.texture import SOURCE as TEXTURE_SOURCE, make_texture_slide
 
 log = logging.getLogger(__name__)
 
-LABELS = ("normal", "tumour")  # negative, positive
+LABELS = ("normal", "tumour")  # negative, positive (design: detection)
+SUBTYPES = ("subtype_a", "subtype_b")  # design: subtyping (both carry tumour; masks mark it in both)
 SPLITS = ("train", "val", "test")
 STYLES = SynthStyle.values()  # the schema's choices (fbta/choices.py), as plain strings
 _SLIDE_STREAM, _LABEL_STREAM = 1, 2  # RNG stream ids under the cohort seed
@@ -189,25 +190,30 @@ def make_cohort(
     if n < 1:
         raise ValueError(f"synth.n_slides must be ≥ 1, got {n}")
     contrast = float(cfg.tumour_contrast)
-    labels = assign_labels(n, float(cfg.positive_fraction), seed)
+    design = str(getattr(cfg, "design", "detection"))
+    names = SUBTYPES if design == "subtyping" else LABELS
+    labels = [names[LABELS.index(x)] for x in assign_labels(n, float(cfg.positive_fraction), seed)]
     splits = assign_splits(labels, float(cfg.val_fraction), float(cfg.test_fraction), seed)
     slides_dir.mkdir(parents=True, exist_ok=True)
     style = str(getattr(cfg, "style", "drawn"))
     if style not in STYLES:
         raise ValueError(f"synth.style={style!r} must be one of {', '.join(STYLES)}")
+    if design == "subtyping" and style != "texture":
+        raise ValueError("synth.design=subtyping needs synth.style=texture (the subtypes differ in real nuclei)")
+    delta = float(getattr(cfg, "subtype_delta", 0.5)) if design == "subtyping" else None
 
     def render(rng: np.random.Generator, positive: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         size = (int(cfg.width), int(cfg.height), positive, float(cfg.tumour_fraction))
         if style == "drawn":
             return make_slide(rng, *size, contrast)
         return make_texture_slide(rng, *size, strength=contrast, stain_sd=float(cfg.stain_sd),
-                                  source=str(cfg.texture or TEXTURE_SOURCE))
+                                  source=str(cfg.texture or TEXTURE_SOURCE), subtype_delta=delta)
 
     records: list[dict] = []
     for i in tqdm(range(n), desc="synth", unit="slide", disable=not progress):
         start = time.perf_counter()
         slide_id = f"synth_{i:03d}"
-        positive = labels[i] == LABELS[1]
+        positive = labels[i] == names[1]
         rgb, tissue, tumour = render(slide_rng(seed, i), positive)
         path = slides_dir / f"{slide_id}.svs"
         write_aperio_tiff(path, rgb, float(cfg.mpp), quality=int(cfg.jpeg_quality))
@@ -225,5 +231,5 @@ def make_cohort(
         ))
         del rgb, tissue, tumour
     _write_labels(labels_csv, records)
-    log.info("synth: %d slides (%d tumour) -> %s", n, labels.count(LABELS[1]), slides_dir)
+    log.info("synth: %d slides (%d %s) -> %s", n, labels.count(names[1]), names[1], slides_dir)
     return records

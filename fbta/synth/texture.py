@@ -36,6 +36,7 @@ _HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dt
 _HED /= np.linalg.norm(_HED, axis=1, keepdims=True)
 _HED_INV = np.linalg.inv(_HED).astype(np.float32)
 _DISK = np.hypot(*np.mgrid[-2:3, -2:3]) <= 2.2  # nuclear growth footprint (round, not square)
+_CORE = np.hypot(*np.mgrid[-1:2, -1:2]) <= 1.0  # a nucleus' interior: every pixel within 1 px is nuclear too
 GLASS = np.array([242, 241, 244], dtype=np.float32)
 
 
@@ -124,6 +125,23 @@ def tumour_cytology(dens: np.ndarray, strength: float) -> np.ndarray:
     return out
 
 
+def subtype_cytology(dens: np.ndarray, delta: float) -> np.ndarray:
+    """The second subtype's nuclei: a little larger and vesicular (pale chromatin inside a dark rim), by ``delta``.
+
+    Why this change: subtyping (LUAD/LUSC, STAD types) turns on nuclear-scale
+    morphology in tumour-rich tissue of both classes, not on where tumour is.
+    The rim and pale core are 1–2 px wide at 0.5 µm/px, so they blur away when
+    a 256-px patch is shrunk for the extractor, and the larger-but-paler nuclei
+    keep a slide's mean haematoxylin close to the other subtype's.
+    """
+    h = dens[..., 0]
+    grown = h + 0.5 * delta * (ndi.grey_dilation(h, footprint=_DISK) - h)
+    core = ndi.grey_erosion(grown, footprint=_CORE)
+    out = dens.copy()
+    out[..., 0] = grown - 0.6 * delta * np.maximum(core, 0.0)
+    return out
+
+
 def ragged_tumour(rng: np.random.Generator, tissue_mid: np.ndarray, fraction: float) -> np.ndarray:
     """Tumour on the MID grid: compact regions with nest-scale ragged borders and islands."""
     field, thr = tumour_geometry(rng, tissue_mid, fraction)
@@ -137,12 +155,15 @@ def ragged_tumour(rng: np.random.Generator, tissue_mid: np.ndarray, fraction: fl
 
 def make_texture_slide(
     rng: np.random.Generator, width: int, height: int, positive: bool, tumour_fraction: float,
-    strength: float = 0.5, stain_sd: float = 0.15, source: str = str(SOURCE),
+    strength: float = 0.5, stain_sd: float = 0.15, source: str = str(SOURCE), subtype_delta: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> (rgb H×W×3 uint8, tissue mask, tumour mask) at level 0; negative slides have no tumour.
 
-    Independent sub-streams: the positive and negative versions of one seed share
-    tissue shape, mosaic and stain, so the tumour is their only difference.
+    ``subtype_delta`` set (the subtyping design): every slide has tumour on
+    ``tumour_fraction`` of its tissue and ``positive`` means the second subtype,
+    whose tumour nuclei also get :func:`subtype_cytology` with that delta.
+    Independent sub-streams: the two versions of one seed share tissue shape,
+    mosaic, stain (and, subtyping, the tumour's place), so the label is their only difference.
     """
     h, w = int(height), int(width)
     hm, wm = -(-h // MID), -(-w // MID)
@@ -150,14 +171,18 @@ def make_texture_slide(
     src, corners = load_source(source)
     field, thr = tissue_geometry(rng, hm, wm)
     tissue_mid = field > thr
-    frac = float(tumour_fraction) if positive else 0.0
+    subtyping = subtype_delta is not None
+    frac = float(tumour_fraction) if positive or subtyping else 0.0
     tumour_mid = ragged_tumour(rng_tumour, tissue_mid, frac)
     tex = mosaic(rng_mosaic, h, w, src, corners)
     dens = to_od(tex)
     del tex
-    if positive and tumour_mid.any():
+    if tumour_mid.any():
         soft = np.clip(upsample(tumour_mid.astype(np.float32), MID, h, w), 0, 1)[..., None]
-        dens = dens + soft * (tumour_cytology(dens, float(strength)) - dens)
+        changed = tumour_cytology(dens, float(strength))
+        if subtyping and positive:
+            changed = subtype_cytology(changed, float(subtype_delta))
+        dens = dens + soft * (changed - dens)
     scale = np.exp(rng_stain.normal(0.0, stain_sd, 3)).astype(np.float32)  # H, E, residual
     scale[2] = 1.0
     rgb_t = from_od(dens * scale)

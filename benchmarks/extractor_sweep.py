@@ -1,0 +1,105 @@
+"""Which extractor configuration can learn? The oracle (patch targets) per configuration, on one split.
+
+For each configuration (trainable units, extractor lr, BatchNorm mode, steps), the
+oracle of benchmarks/extractor_controls.py trains FBTA's extractor on patch targets
+from the masks — bags of C·M patches of one slide, FBTA's augmentation — and the
+held-out patch probe is read every ``--probe-every`` steps and at the end, next to
+the frozen features' probe. A configuration in which even the oracle leaves the
+probe where the frozen features have it cannot show FBTA's gain, whatever the labels.
+
+    python benchmarks/extractor_sweep.py --data /tmp/sub02 --steps 1500 \\
+        --configs 'blocks=3;bn=eval;lr=1.5e-5' 'blocks=-1;bn=train;lr=5e-5'
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import ROOT, record
+from extractor_controls import ExtractorConfig, load_patches, patch_targets, probe, train_oracle, tumour_share
+
+from fbta.config import load_config
+from fbta.io.h5 import read_features
+
+
+def parse_config(spec: str, base: ExtractorConfig) -> ExtractorConfig:
+    """``blocks=3;bn=eval;lr=1.5e-5;steps=1500;size=224`` over ``base``."""
+    kw = {}
+    for part in filter(None, spec.split(";")):
+        k, v = part.split("=", 1)
+        if k == "blocks":
+            kw["train_blocks"] = int(v)
+        elif k == "bn":
+            if v not in ("eval", "train"):
+                raise SystemExit(f"bn={v}: choose eval (pretrained statistics) or train")
+            kw["freeze_bn"] = v == "eval"
+        elif k == "lr":
+            kw["lr"] = float(v)
+        elif k == "steps":
+            kw["steps"] = int(v)
+        elif k == "size":
+            kw["input_size"] = int(v)
+        else:
+            raise SystemExit(f"unknown config key {k!r} in {spec!r} (blocks, bn, lr, steps, size)")
+    return replace(base, **kw)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="cohort data.out: labels.csv (split column), slides/, "
+                   "masks/, features/<model>/")
+    p.add_argument("--configs", nargs="+", required=True)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--probe-every", type=int, default=500)
+    p.add_argument("--per-slide", type=int, default=24, help="labelled patches per slide (train and test sets)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="extractor_sweep")
+    p.add_argument("--set", nargs="*", default=[], dest="overrides", help="params overrides (fbta.*, extract.*)")
+    args = p.parse_args()
+    cfg = load_config(ROOT / "params.yaml", [f"data.out={args.data}", *args.overrides])
+    base = replace(ExtractorConfig.of(cfg, args.steps), steps=args.steps)
+    rows = list(csv.DictReader((args.data / "labels.csv").open()))
+    classes = sorted({r["label"] for r in rows})
+    h5 = args.data / "features" / cfg.extract.model / "h5_files"
+    shares, n = {}, {}
+    for r in rows:
+        feats, coords, attrs = read_features(h5 / f"{r['slide_id']}.h5")
+        from fbta.e2e.pseudobags import patch_attrs
+        shares[r["slide_id"]] = tumour_share(args.data / "masks", r["slide_id"], coords,
+                                             patch_attrs(h5 / f"{r['slide_id']}.h5", attrs))
+        n[r["slide_id"]] = len(coords)
+    targets = patch_targets(shares, {r["slide_id"]: classes.index(r["label"]) for r in rows}, n)
+    rng = np.random.default_rng(args.seed)
+    part = {s: [(r["slide_id"], args.data / "slides" / f"{r['slide_id']}.svs", h5 / f"{r['slide_id']}.h5", None)
+                for r in rows if r["split"] == s] for s in ("train", "test")}
+    train = load_patches(part["train"], targets, args.per_slide, rng)
+    test = load_patches(part["test"], targets, args.per_slide, rng)
+    result = {"data": str(args.data), "classes": classes, "patches": {"train": len(train), "test": len(test)},
+              "frozen_probe": round(probe(None, train, test), 4), "per_slide": args.per_slide, "configs": {}}
+    print(f"frozen probe {result['frozen_probe']} ({result['patches']})", flush=True)
+    out = ROOT / "reports" / "bench" / f"{args.name}.json"
+    for spec in args.configs:
+        c = parse_config(spec, base)
+        ext, info = train_oracle(c, train, args.seed, (train, test), args.probe_every)
+        res = {**c.describe(), **info, "probe": round(probe(ext, train, test), 4)}
+        res["gain"] = round(res["probe"] - result["frozen_probe"], 4)
+        result["configs"][spec] = res
+        print(f"{spec}: probe {res['probe']} (frozen {result['frozen_probe']}, gain {res['gain']:+.3f}); "
+              f"{info['seconds']} s; curve {info['curve']}", flush=True)
+        out.with_suffix(".partial.json").write_text(json.dumps(result, indent=2))
+        del ext
+    record(args.name, result, f"oracle (patch targets) in FBTA's extractor configuration, {args.steps} steps of "
+           f"{base.bag}-patch one-slide bags, {cfg.extract.model} {base.input_size} px: held-out patch probe "
+           f"frozen {result['frozen_probe']}; " + "; ".join(f"{k} → {v['probe']} ({v['gain']:+.3f})"
+                                                           for k, v in result["configs"].items()))
+
+
+if __name__ == "__main__":
+    main()

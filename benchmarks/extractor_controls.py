@@ -206,7 +206,7 @@ def train_oracle(cfg: ExtractorConfig, train: PatchSet, seed: int,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if probe_sets is not None and probe_every and (step + 1) % probe_every == 0 and step + 1 < cfg.steps:
             curve.append({"step": step + 1, "probe": round(probe(ext, *probe_sets), 4)})
     ext.eval()

@@ -15,17 +15,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common import ROOT, record
 from extractor_controls import ExtractorConfig, load_patches, patch_targets, probe, train_oracle, tumour_share
 
 from fbta.config import load_config
+from fbta.e2e.pseudobags import patch_attrs
 from fbta.io.h5 import read_features
 
 
@@ -71,7 +70,6 @@ def main() -> None:
     shares, n = {}, {}
     for r in rows:
         feats, coords, attrs = read_features(h5 / f"{r['slide_id']}.h5")
-        from fbta.e2e.pseudobags import patch_attrs
         shares[r["slide_id"]] = tumour_share(args.data / "masks", r["slide_id"], coords,
                                              patch_attrs(h5 / f"{r['slide_id']}.h5", attrs))
         n[r["slide_id"]] = len(coords)

@@ -22,6 +22,20 @@ Two protocols::
     .venv/bin/python benchmarks/fbta_protocol.py --protocol fewshot --draws 5 --train-per-class 10 \\
         --val-per-class 5 --seeds 0 --data /tmp/c48 --arms abmil:vanilla abmil:fbta --set ...
 
+Control arms (issue #29, benchmarks/protocol_controls.py): ``arch:e2e`` is the end-to-end
+bound (FBTA's extractor configuration on whole bags with slide labels, no translator,
+scored by re-extracting every test patch); ``arch:oracle`` trains the same extractor
+configuration on **patch** targets from the masks (as many steps of C·M patches as FBTA
+plans), re-extracts the split and trains the vanilla head on it. ``--probe-patches N``
+adds the held-out patch probe of the frozen features and of every arm's selected and
+last extractor, with the steps each received; the table then also carries FBTA's
+recovered share, mean(FBTA − vanilla) / mean(e2e − vanilla). ``--jobs 2`` runs two
+units at once (one torch thread each); ``--require 'A>=B'`` exits 1 when A is worse than
+B beyond the paired interval (a regression check on vanilla's defaults)::
+
+    .venv/bin/python benchmarks/fbta_protocol.py --protocol kfold --folds 5 --data /tmp/sub025 \\
+        --arms abmil:vanilla abmil:fbta abmil:e2e abmil:oracle --probe-patches 16 --jobs 2
+
 An arm is ``arch:method[:key=value;key=value]`` (its own overrides after the
 common ``--set`` ones). The same EMA must be given to both methods: FBTA
 always validates and deploys its EMA teacher (``fbta.ema_alpha``,
@@ -69,142 +83,21 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from common import ROOT, machine, record
 from protocol_design import (Arm, budget_of, budget_warnings, check_overrides, fewshot_splits, kfold_splits,
                              mirror_epochs, pairs_of, parse_arm, split_labels_csv)
-from extractor_controls import probe
-from protocol_controls import ProbeSets, extractor_probes, recovered_share, run_oracle
-from protocol_stats import (clean, constant_baselines, epoch_seconds, headline, history_diagnostics,
-                            markdown, paired_table, pooled_features, pooled_probe, summarise, unit_key)
+from protocol_controls import ProbeSets, recovered_share
+from protocol_units import Context, UnitFailed, run_unit
+from protocol_stats import (clean, constant_baselines, headline, markdown, paired_table, pooled_features,
+                            pooled_probe, summarise, unit_key)
 
 from fbta.io.atomic import atomic_write_text
-
-
-# -- one unit ---------------------------------------------------------------------------------
-
-
-class UnitFailed(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class Context:
-    out_root: Path
-    params: Path
-    data: Path
-    slides: Path
-    features: Path
-    masks: Optional[Path]
-    common: tuple[str, ...]
-    reextract: bool
-    keep_models: bool
-    probes: Optional[ProbeSets] = None  # --probe-patches: the held-out patch probe of every extractor
-    threads: int = 0  # torch threads per unit (--jobs > 1: 1, so parallel units do not fight over cores)
-
-
-def _cli(args: list[str], log: Path, threads: int = 0) -> None:
-    cmd = [sys.executable, "-m", "fbta", *args]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})}
-    with log.open("a") as fh:
-        fh.write(f"\n$ {' '.join(cmd)}\n")
-        fh.flush()
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
-    if rc != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise UnitFailed(f"`fbta {args[0]}` exited {rc}; log {log}:\n{tail}")
-
-
-def unit_overrides(ctx: Context, arm: Arm, seed: int, out: Path, labels_csv: Path) -> list[str]:
-    fixed = [f"data.out={out}", f"data.labels={labels_csv}", f"data.slides={ctx.slides}",
-             f"data.features={ctx.features}", f"data.masks={ctx.masks}" if ctx.masks else "data.masks=null",
-             "tracking.enabled=false", "run.progress=false", f"mil.arch={arm.arch}", f"train.method={arm.method}",
-             f"train.seed={seed}"]
-    return [*ctx.common, *arm.overrides, *fixed]
-
-
-def run_unit(ctx: Context, arm: Arm, split: str, seed: int, labels_csv: Path,
-             part: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    out = ctx.out_root / split / arm.slug / f"seed{seed}"
-    out.mkdir(parents=True, exist_ok=True)
-    clusters = out / "clusters"
-    if not clusters.exists() and not clusters.is_symlink() and (ctx.data / "clusters").is_dir():
-        clusters.symlink_to((ctx.data / "clusters").resolve())
-    log = out / "log.txt"
-    t0 = time.time()
-    if arm.method == "oracle":
-        if ctx.masks is None or ctx.probes is None or part is None:
-            raise UnitFailed(f"{arm.spec}: the oracle needs annotation masks (--masks) and --probe-patches > 0")
-        vanilla = Arm(arm.spec, arm.arch, "vanilla", arm.overrides)
-
-        def head(features: Path) -> dict[str, Any]:  # the MIL head on the oracle's features, vanilla's budget
-            own = Context(**{**ctx.__dict__, "features": features})
-            return _train_and_test(own, vanilla, seed, out, labels_csv, log)
-
-        torch_threads(ctx.threads)
-        ov = [*ctx.common, *arm.overrides, f"train.seed={seed}"]
-        res = run_oracle(ctx.params, ov, part, split, seed, ctx.probes, out, head)
-        unit = {**res, "arm": arm.spec, "method": "oracle", "test": {"oracle": res["test"].get("vanilla", {})}}
-        unit.pop("unit_test", None)
-    else:
-        unit = _train_and_test(ctx, arm, seed, out, labels_csv, log)
-        unit.pop("unit_test")
-        folder = out / "models" / f"{arm.method}_{arm.arch}"
-        if ctx.probes is not None and part is not None and arm.method in ("fbta", "e2e"):
-            torch_threads(ctx.threads)
-            sets = ctx.probes.of(split, part)
-            unit["probe"] = {"frozen": round(probe(None, *sets), 4), **extractor_probes(folder, sets)}
-        if not ctx.keep_models:
-            for p in folder.glob("*.pt"):
-                p.unlink()
-    unit.update(split=split, seed=seed, wall_seconds=round(time.time() - t0, 2), folder=str(out))
-    return unit
-
-
-def torch_threads(n: int) -> None:
-    if n:
-        import torch
-
-        torch.set_num_threads(n)
-
-
-def _train_and_test(ctx: Context, arm: Arm, seed: int, out: Path, labels_csv: Path, log: Path) -> dict[str, Any]:
-    """``fbta train`` then ``fbta infer`` (fbta, e2e) or ``fbta evaluate`` (vanilla): the unit's record."""
-    ov = unit_overrides(ctx, arm, seed, out, labels_csv)
-    params = ["--params", str(ctx.params)]
-    t0 = time.time()
-    _cli(["train", *ov, *params], log, ctx.threads)
-    t_train = time.time() - t0
-    if arm.method in ("fbta", "e2e"):  # e2e: re-extraction is its real score
-        reextract = "true" if arm.method == "e2e" else str(ctx.reextract).lower()
-        _cli(["infer", *ov, f"infer.reextract={reextract}", *params], log, ctx.threads)
-    else:
-        _cli(["evaluate", *ov, *params], log, ctx.threads)
-    folder = out / "models" / f"{arm.method}_{arm.arch}"
-    meta = json.loads((folder / "meta.json").read_text())
-    cls = json.loads((out / "reports" / "metrics.json").read_text())["classification"]
-    keep = ("auc", "acc", "f1", "n", "seconds", "speedup_translator", "agreement", "mean_abs_prob_gap")
-    test = {v: {k: cls[v][k] for k in keep if k in cls[v]} for v in (arm.method, f"{arm.method}_reextract") if v in cls}
-    if arm.method == "e2e":  # its deployable path is re-extraction; its head on frozen features is a diagnostic
-        test = {"e2e": test.get("e2e_reextract", {}), "e2e_on_frozen": test.get("e2e", {})}
-    epochs_run = int(meta.get("epochs_run", 0))
-    per_epoch = epoch_seconds(folder / "history.csv")
-    return {"arm": arm.spec, "arch": arm.arch, "method": arm.method, "overrides": list(arm.overrides),
-            "test": test, "unit_test": test, "val_auc": meta.get("val_auc"),
-            "best_epoch": meta.get("epoch"), "epochs_run": epochs_run, "stopped_early": meta.get("stopped_early"),
-            "train_seconds": round(t_train, 2),
-            "seconds_per_epoch": round(per_epoch if per_epoch is not None else t_train / max(epochs_run, 1), 3),
-            "extractor_steps": meta.get("extractor_steps"),
-            "diagnostics": history_diagnostics(folder / "history.csv")}
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -251,6 +144,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--probe-patches", type=int, default=0,
                    help="held-out patch probe of every extractor (frozen, each fbta/e2e arm's selected and last "
                         "TFE*, the oracle's) on up to this many labelled patches per slide; needs masks (0: off)")
+    p.add_argument("--require", nargs="*", default=[], metavar="A>=B",
+                   help="exit 1 when arm A is worse than arm B with the paired interval of ΔAUC entirely below 0 "
+                        "(e.g. the default vanilla against an earlier configuration of it)")
     p.add_argument("--jobs", type=int, default=1,
                    help="units run at once (each with 1 torch thread when > 1); results are the same")
     return p.parse_args(argv)
@@ -439,7 +335,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         _write(results, payload)
         print(f"\n{line}\n→ {results}")
-    return 1 if failed else 0
+    broken = check_requirements(args.require, mine, all_baselines, args.boot, args.boot_seed)
+    for line in broken:
+        print(f"REQUIREMENT FAILED: {line}", file=sys.stderr)
+    return 1 if failed or broken else 0
+
+
+def check_requirements(require: Sequence[str], units: dict[str, Any], baselines: dict[str, Any], n_boot: int,
+                       seed: int) -> list[str]:
+    """``A>=B``: broken when A − B's paired ΔAUC interval lies entirely below 0 (one line per broken one)."""
+    broken = []
+    for spec in require:
+        a, sep, b = spec.partition(">=")
+        if not sep:
+            broken.append(f"{spec!r} is not A>=B")
+            continue
+        rows = paired_table(units, [(a.strip(), b.strip())], baselines, n_boot, seed)
+        if not rows:
+            broken.append(f"{spec}: no matched units of both arms")
+        elif rows[0]["auc"]["hi"] < 0:
+            d = rows[0]["auc"]
+            broken.append(f"{spec}: ΔAUC {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] over {d['n']} units")
+    return broken
 
 
 if __name__ == "__main__":

@@ -116,6 +116,31 @@ def test_pairs_follow_the_arms() -> None:
             design.parse_arm(bad)
 
 
+def test_the_controls_pair_with_vanilla_and_fbta_with_the_bound() -> None:
+    arms = [design.parse_arm(s) for s in ["abmil:vanilla", "abmil:fbta", "abmil:e2e", "abmil:oracle"]]
+    assert design.pairs_of(arms) == [("abmil:fbta", "abmil:vanilla"), ("abmil:e2e", "abmil:vanilla"),
+                                     ("abmil:oracle", "abmil:vanilla"), ("abmil:fbta", "abmil:e2e")]
+
+
+def test_recovered_share_is_the_ratio_of_mean_gains_and_none_without_an_end_to_end_gain() -> None:
+    from protocol_controls import recovered_share
+
+    def units(fbta: list[float], e2e: list[float]) -> dict:
+        out = {}
+        for i, (f, e) in enumerate(zip(fbta, e2e)):
+            for arm, auc in (("abmil:vanilla", 0.6), ("abmil:fbta", f), ("abmil:e2e", e)):
+                out[f"{arm}|fold{i}"] = {"arm": arm, "method": arm.split(":")[1], "split": f"fold{i}", "seed": 0,
+                                         "test": {arm.split(":")[1]: {"auc": auc}}}
+        return out
+
+    r = recovered_share(units([0.65, 0.7, 0.7], [0.7, 0.8, 0.8]), "abmil", n_boot=500)
+    assert r["n"] == 3 and r["share"] == pytest.approx((0.25 / 3) / (0.5 / 3), abs=1e-3)  # 0.5, not mean of ratios
+    assert r["lo"] <= r["share"] <= r["hi"]
+    none = recovered_share(units([0.65, 0.7], [0.6, 0.55]), "abmil", n_boot=100)
+    assert none["share"] is None and none["e2e_minus_vanilla"] < 0  # nothing to recover: no share, not a ratio
+    assert recovered_share({}, "abmil") is None
+
+
 def test_paired_table_matches_units_on_split_and_seed() -> None:
     def unit(arm: str, split: str, seed: int, auc: float) -> dict:
         method = arm.split(":")[1]

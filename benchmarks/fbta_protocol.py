@@ -92,7 +92,7 @@ from typing import Any, Mapping, Optional, Sequence
 from common import ROOT, machine, record
 from protocol_design import (Arm, budget_of, budget_warnings, check_overrides, fewshot_splits, kfold_splits,
                              mirror_epochs, pairs_of, parse_arm, split_labels_csv)
-from protocol_controls import ProbeSets, recovered_share
+from protocol_controls import ProbeSets, cost_ratio, recovered_share
 from protocol_units import Context, UnitFailed, run_unit
 from protocol_stats import (clean, constant_baselines, headline, markdown, paired_table, pooled_features,
                             pooled_probe, summarise, unit_key)
@@ -322,14 +322,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     title = f"fbta_protocol {name}: {desc}, seeds {args.seeds}"
     shares = [r for r in (recovered_share(mine, arch, args.boot, args.boot_seed)
                           for arch in sorted({a.arch for a in arms})) if r is not None]
-    table = markdown(summary, paired, title, shares)
+    costs = [r for r in (cost_ratio(mine, arch) for arch in sorted({a.arch for a in arms})) if r is not None]
+    table = markdown(summary, paired, title, shares, costs)
     print("\n" + table)
     for w in warnings:
         print(f"WARNING: {w}")
     payload = {**state, **payload_base, "baselines": all_baselines, "units": units, "summary": summary,
-               "paired": paired, "recovered_share": shares, "table_md": table, "failed": failed}
+               "paired": paired, "recovered_share": shares, "cost_ratio": costs, "table_md": table, "failed": failed}
     line = headline(summary, paired, title) + "".join(
-        f" | {s['arch']} recovered share {s['share']} [{s['lo']}, {s['hi']}]" for s in shares)
+        f" | {s['arch']} recovered share {s['share']} [{s['lo']}, {s['hi']}]" if s["share"] is not None
+        else f" | {s['arch']}: e2e − vanilla {s['e2e_minus_vanilla']:+.3f}, no gain to recover" for s in shares)
     if results == default_results.resolve():
         record(bench_name, clean(payload), line)
     else:

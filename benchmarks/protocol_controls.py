@@ -144,3 +144,29 @@ def recovered_share(units: Mapping[str, Mapping[str, Any]], arch: str, n_boot: i
             "share": None if not np.isfinite(share(np.arange(len(keys)))) else round(share(np.arange(len(keys))), 3),
             "lo": round(float(np.percentile(boot, 2.5)), 3) if len(boot) else None,
             "hi": round(float(np.percentile(boot, 97.5)), 3) if len(boot) else None}
+
+
+def cost_ratio(units: Mapping[str, Mapping[str, Any]], arch: str, n_project: int = 10_000) -> Optional[dict[str, Any]]:
+    """Training seconds per epoch of the end-to-end bound over FBTA's, measured at this cohort's bag size and
+    projected to ``n_project`` patches a slide (the bound's cost grows with N, FBTA's step with C·M only).
+
+    From the last epoch of each matched unit: the bound's seconds per patch = its training seconds /
+    (steps × mean bag); FBTA's seconds per step = its training seconds / steps."""
+    def per(arm: str) -> dict[tuple[str, int], Mapping[str, Any]]:
+        return {(u["split"], u["seed"]): u for u in units.values() if u["arm"] == arm
+                and u.get("diagnostics", {}).get("train_seconds") and u.get("extractor_steps") and u.get("epochs_run")}
+
+    f, e = per(f"{arch}:fbta"), per(f"{arch}:e2e")
+    keys = sorted(set(f) & set(e))
+    if not keys:
+        return None
+    steps = lambda u: u["extractor_steps"] / u["epochs_run"]  # noqa: E731 (steps per epoch)
+    measured = [e[k]["diagnostics"]["train_seconds"] / f[k]["diagnostics"]["train_seconds"] for k in keys]
+    per_patch = [e[k]["diagnostics"]["train_seconds"] / (steps(e[k]) * e[k]["diagnostics"]["n_subset"]) for k in keys]
+    per_step = [f[k]["diagnostics"]["train_seconds"] / steps(f[k]) for k in keys]
+    bag = float(np.mean([e[k]["diagnostics"]["n_subset"] for k in keys]))
+    return {"arch": arch, "n": len(keys), "mean_bag": round(bag, 1),
+            "measured_ratio": round(float(np.mean(measured)), 2),
+            "e2e_seconds_per_patch": round(float(np.mean(per_patch)), 4),
+            "fbta_seconds_per_step": round(float(np.mean(per_step)), 4), "projected_n": n_project,
+            "projected_ratio": round(float(np.mean(per_patch)) * n_project / float(np.mean(per_step)), 1)}

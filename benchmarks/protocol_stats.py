@@ -19,7 +19,7 @@ import common  # noqa: F401  (project root first on sys.path: `fbta` is the pack
 PROBE_GRID = (0.01, 0.1, 1.0, 10.0)
 METRICS = ("auc", "acc", "f1")
 DIAGNOSTICS = ("gap_ratio", "tfe_drift", "l_dist", "l_cons", "l_cls", "l_cls_fb", "l_cls_eb", "l_cls_tb",
-               "tumour_share")
+               "tumour_share", "n_subset", "train_seconds")
 DIAG_PREFIXES = ("l_cls_", "diag_", "gap_", "tfe_", "tumour_")
 
 
@@ -227,7 +227,7 @@ def _delta(d: Mapping[str, float]) -> str:
 
 
 def markdown(summary: Mapping[str, Mapping[str, Any]], paired: Sequence[Mapping[str, Any]], title: str,
-             shares: Sequence[Mapping[str, Any]] = ()) -> str:
+             shares: Sequence[Mapping[str, Any]] = (), costs: Sequence[Mapping[str, Any]] = ()) -> str:
     lines = [f"### {title}", "", "| arm | units | test AUC | test ACC | test F1 | re-extract AUC | val AUC | "
              "best epoch | epochs | s/epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, r in summary.items():
@@ -244,7 +244,15 @@ def markdown(summary: Mapping[str, Mapping[str, Any]], paired: Sequence[Mapping[
                   "[bootstrap 95 % interval over units]:", "", "| head | units | FBTA − vanilla | e2e − vanilla | share |",
                   "|---|---|---|---|---|"]
         lines += [f"| {s['arch']} | {s['n']} | {s['fbta_minus_vanilla']:+.3f} | {s['e2e_minus_vanilla']:+.3f} | "
-                  f"{s['share']} [{s['lo']}, {s['hi']}] |" for s in shares]
+                  + (f"{s['share']} [{s['lo']}, {s['hi']}] |" if s["share"] is not None
+                     else "– (the bound does not beat vanilla: nothing to recover) |") for s in shares]
+    if costs:
+        lines += ["", "Training time per epoch, end-to-end bound / FBTA (last epoch of matched units; the bound's cost "
+                  "grows with the bag, FBTA's step with C·M only):", "",
+                  "| head | units | mean bag (patches) | measured ratio | bound s/patch | FBTA s/step | projected ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['arch']} | {c['n']} | {c['mean_bag']} | {c['measured_ratio']}× | {c['e2e_seconds_per_patch']} | "
+                  f"{c['fbta_seconds_per_step']} | {c['projected_ratio']}× at N = {c['projected_n']:,} |" for c in costs]
     probe_arms = {a: r["probe"] for a, r in summary.items() if r.get("probe")}
     if probe_arms:
         lines += ["", "Held-out patch probe AUC (frozen features; the arm's selected and last extractor) and the "

@@ -63,3 +63,29 @@ def test_cohort_defaults_to_texture_and_is_deterministic(tmp_path) -> None:
     with pytest.raises(ValueError, match="synth.style"):
         make_cohort(SynthCfg(n_slides=1, width=256, height=256, style="paint"), tmp_path / "c", tmp_path / "c.csv",
                     None, progress=False)
+
+
+def test_subtypes_carry_the_same_tumour_and_differ_only_in_its_nuclei() -> None:
+    """synth.design=subtyping: both classes have tumour in the same place (masks for both); subtype_b's nuclei
+    are vesicular (a pale core inside the rim), so inside the tumour its darkest nuclear haematoxylin is
+    lower while the tissue's median stays put — and outside the tumour the two slides are identical."""
+    a, tissue_a, tumour_a = make_texture_slide(slide_rng(3, 2), 1024, 1024, False, 0.7, strength=0.3,
+                                               subtype_delta=0.5)
+    b, tissue_b, tumour_b = make_texture_slide(slide_rng(3, 2), 1024, 1024, True, 0.7, strength=0.3,
+                                               subtype_delta=0.5)
+    assert np.array_equal(tumour_a, tumour_b) and tumour_a.sum() > 0.5 * tissue_a.sum()
+    far = ~ndi.binary_dilation(tumour_a, iterations=16)
+    assert np.array_equal(a[far], b[far])
+    inner = ndi.binary_erosion(tumour_a, iterations=8)
+    h_a, h_b = to_od(a)[..., 0][inner], to_od(b)[..., 0][inner]
+    assert np.percentile(h_b, 99) < 0.9 * np.percentile(h_a, 99)  # paler nuclear cores
+    assert abs(np.median(h_b) - np.median(h_a)) < 0.1 * np.median(h_a)  # a subtle change, not a colour shift
+    same, _, _ = make_texture_slide(slide_rng(3, 2), 1024, 1024, True, 0.7, strength=0.3, subtype_delta=0.0)
+    assert np.abs(same.astype(int) - a.astype(int)).max() <= 1  # delta 0: the subtypes are one (up to rounding)
+
+
+def test_a_subtyping_cohort_labels_two_subtypes_and_masks_both(tmp_path) -> None:
+    cfg = SynthCfg(n_slides=4, width=640, height=640, design="subtyping", subtype_delta=0.4, tumour_fraction=0.6)
+    rows = make_cohort(cfg, tmp_path / "slides", tmp_path / "labels.csv", tmp_path / "masks", progress=False)
+    assert sorted({r["label"] for r in rows}) == ["subtype_a", "subtype_b"]
+    assert all(r["n_tumour_px"] > 0 for r in rows)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from common import ROOT, record
@@ -34,11 +35,13 @@ def auc(u: dict) -> float:
     return float(u["test"][u["method"]]["auc"])
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", nargs=2, action="append", required=True, metavar=("A", "B"))
     p.add_argument("--name", required=True, help="results: reports/bench/<name>.json")
     p.add_argument("--boot", type=int, default=10_000)
+    p.add_argument("--require-not-worse", action="store_true",
+                   help="exit 1 when a pair's A is worse than its B beyond the interval (ΔAUC interval below 0)")
     args = p.parse_args()
     rows = []
     for a, b in args.pair:
@@ -56,7 +59,11 @@ def main() -> None:
     record(args.name, {"pairs": rows}, "; ".join(
         f"{r['a'].split('/')[-1]} − {r['b'].split('/')[-1]} ΔAUC {r['delta_auc']['mean']:+.3f} "
         f"[{r['delta_auc']['lo']:+.3f}, {r['delta_auc']['hi']:+.3f}] (n = {r['units']})" for r in rows))
+    worse = [r for r in rows if r["delta_auc"]["hi"] < 0]
+    for r in worse:
+        print(f"REQUIREMENT FAILED: {r['a']} is worse than {r['b']}", file=sys.stderr)
+    return 1 if args.require_not_worse and worse else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

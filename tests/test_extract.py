@@ -134,3 +134,10 @@ def test_cluster_on_a_device_the_machine_lacks_is_one_line_naming_the_setting(tm
                  "run.progress=false"]) == 2
     err = capsys.readouterr().err
     assert "cluster.device='cuda'" in err and "no CUDA device" in err
+
+
+def test_extract_says_when_patches_are_shrunk_below_the_models_own_input() -> None:
+    from fbta.stages.extract import input_size_note
+
+    assert "112 px, below the 224 px" in input_size_note(112, 224)
+    assert input_size_note(224, 224) == "" and input_size_note(256, 224) == ""

@@ -42,6 +42,7 @@ def create_extractor(
 
         raise ConfigError(f"unknown extractor {name!r}; available: {', '.join(list_extractors())}")
     ext = _REGISTRY[name](weights, trainable)
+    ext.native_input_size = ext.input_size  # what the weights were trained at (a smaller input is an economy)
     if input_size:
         ext.input_size = int(input_size)
     ext.set_trainable(trainable)

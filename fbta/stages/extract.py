@@ -19,6 +19,15 @@ from fbta.stages.common import only_slides, out_dir, stop_on_storage_error, tile
 from fbta.slide_status import StageReport
 
 
+def input_size_note(size: int, native: int) -> str:
+    """Say so when patches are shrunk below the extractor's own input: a CPU economy that costs accuracy."""
+    if size >= native:
+        return ""
+    return (f"note: patches are resized to {size} px, below the {native} px the weights were trained at "
+            "(extract.input_size): a CPU economy that blurs nuclear-scale detail and costs accuracy (measured: "
+            "docs/methods/fbta-controls.md); extract.input_size=0 uses the model's own size")
+
+
 def run(cfg: DictConfig) -> int:
     device = resolve_device(cfg.extract.device, "extract.device")
     workers = fit_workers(cfg.extract.num_workers, "extract.num_workers")
@@ -45,6 +54,9 @@ def run(cfg: DictConfig) -> int:
         todo.append((entry, coords, attrs, fp, dest))
     print(f"extract: {cfg.extract.model} ({extractor.dim}-d, weights {extractor.weights_id}) on {device}; "
           f"{len(todo)} slides to do, {report.count('skipped')} up to date")
+    note = input_size_note(extractor.input_size, getattr(extractor, "native_input_size", extractor.input_size))
+    if note:
+        print(f"extract: {note}", flush=True)
     total = sum(len(c) for _, c, _, _, _ in todo)
     data = CohortPatches([SlidePatches(e.path, c, a, e.mpp) for e, c, a, _, _ in todo])
     held: dict[int, tuple[Callable[[], None], float]] = {}  # slide → (release its lock, when it was claimed)

@@ -13,6 +13,11 @@
    only — it uses the masks) at ``--input-size``; patch AUC on the held-out
    slides and slide AUC from the mean of each slide's top-decile patch
    probabilities. High: the signal is there for end-to-end training to find.
+   Note: this oracle trains *every* unit at lr 1e-4 with BatchNorm in train
+   mode — not FBTA's extractor configuration — so it bounds what the cohort
+   holds, not what FBTA's configuration can learn. The protocol's ``oracle``
+   arm (benchmarks/protocol_controls.py) and benchmarks/extractor_sweep.py
+   train exactly FBTA's configuration; use those to judge a configuration.
 
     python benchmarks/cohort_difficulty.py --data /tmp/c60 --input-size 112
 """

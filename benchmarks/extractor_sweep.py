@@ -91,7 +91,7 @@ def main() -> None:
         result["configs"][spec] = res
         print(f"{spec}: probe {res['probe']} (frozen {result['frozen_probe']}, gain {res['gain']:+.3f}); "
               f"{info['seconds']} s; curve {info['curve']}", flush=True)
-        out.with_suffix(".partial.json").write_text(json.dumps(result, indent=2))
+        out.with_suffix(".partial.tmp").write_text(json.dumps(result, indent=2))
         del ext
     record(args.name, result, f"oracle (patch targets) in FBTA's extractor configuration, {args.steps} steps of "
            f"{base.bag}-patch one-slide bags, {cfg.extract.model} {base.input_size} px: held-out patch probe "

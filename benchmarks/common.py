@@ -117,5 +117,6 @@ def regenerate() -> None:
     spec = importlib.util.spec_from_file_location("gen_benchmarks", ROOT / "tools" / "gen_benchmarks.py")
     assert spec and spec.loader
     gen = importlib.util.module_from_spec(spec)
+    sys.modules["gen_benchmarks"] = gen  # its dataclass resolves annotations through sys.modules
     spec.loader.exec_module(gen)
     gen.write_all(ROOT)

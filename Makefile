@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv test test-slow demo lock clean-data serve flow-run dashboard mlflow-ui audit gpu-check docs docs-serve
+.PHONY: help venv test test-slow demo lock clean-data serve flow-run dashboard mlflow-ui audit gpu-check docs docs-serve screenshots
 
 help:
 	@echo "make demo       build .venv, make the demo cohort, run the pipeline (dvc repro), print results"
@@ -23,6 +23,7 @@ help:
 	@echo "make test-slow  the slow tests only"
 	@echo "make gpu-check  on a CUDA machine: every GPU path + GPU figures → gpu_check.json (DEVICE=cpu: dry run)"
 	@echo "make docs       the docs site → site/ (mkdocs build --strict); make docs-serve: 127.0.0.1:$(DOCS_PORT)"
+	@echo "make screenshots  MLflow UI, optuna-dashboard, Prefect UI on a small demo run → checked, docs/img/*.png"
 	@echo "make lock       re-resolve requirements.lock from pyproject.toml"
 	@echo "make serve      Prefect server on 127.0.0.1:$(PREFECT_PORT) + the process serving prefect.yaml's deployments"
 	@echo "make flow-run   (another shell, while serve runs) prefect deployment run 'fbta-pipeline/local' --watch"
@@ -55,6 +56,10 @@ docs: venv
 
 docs-serve: venv
 	$(BIN)/mkdocs serve -a 127.0.0.1:$(DOCS_PORT)
+
+# the dashboards on a small demo run, in headless Chromium (Debian's chromium): pages checked, PNGs → docs/img/
+screenshots: venv
+	$(BIN)/python tools/screenshots.py
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow

@@ -15,13 +15,15 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv test test-slow demo lock clean-data serve flow-run dashboard mlflow-ui audit gpu-check
+.PHONY: help venv test test-slow demo lock clean-data serve flow-run dashboard mlflow-ui audit gpu-check docs docs-serve screenshots
 
 help:
 	@echo "make demo       build .venv, make the demo cohort, run the pipeline (dvc repro), print results"
 	@echo "make test       build .venv, run the test suite (slow tests excluded)"
 	@echo "make test-slow  the slow tests only"
 	@echo "make gpu-check  on a CUDA machine: every GPU path + GPU figures → gpu_check.json (DEVICE=cpu: dry run)"
+	@echo "make docs       the docs site → site/ (mkdocs build --strict); make docs-serve: 127.0.0.1:$(DOCS_PORT)"
+	@echo "make screenshots  MLflow UI, optuna-dashboard, Prefect UI on a small demo run → checked, docs/img/*.png"
 	@echo "make lock       re-resolve requirements.lock from pyproject.toml"
 	@echo "make serve      Prefect server on 127.0.0.1:$(PREFECT_PORT) + the process serving prefect.yaml's deployments"
 	@echo "make flow-run   (another shell, while serve runs) prefect deployment run 'fbta-pipeline/local' --watch"
@@ -43,9 +45,21 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 # every CUDA path + the GPU figures in one JSON (benchmarks/gpu_check.py). On a bare CUDA box with PyTorch and no
-# network, carry the wheels README § "GPU check" names and run the same line with its PYTHONPATH.
+# network, carry the wheels docs/gpu-check.md names and run the same line with its PYTHONPATH.
 gpu-check:
 	PYTHONPATH=. $(if $(wildcard $(BIN)/python),$(BIN)/python,python3) benchmarks/gpu_check.py $(if $(OUT),--out $(OUT),)
+
+# the docs site (docs/, mkdocs.yml): offline, strict (a broken link or a missing page fails)
+DOCS_PORT ?= 8000
+docs: venv
+	$(BIN)/mkdocs build --strict
+
+docs-serve: venv
+	$(BIN)/mkdocs serve -a 127.0.0.1:$(DOCS_PORT)
+
+# the dashboards on a small demo run, in headless Chromium (Debian's chromium): pages checked, PNGs → docs/img/
+screenshots: venv
+	$(BIN)/python tools/screenshots.py
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow
@@ -58,7 +72,7 @@ demo: venv
 
 lock:
 	rm -rf /tmp/fbta-lock && $(PYTHON) -m venv /tmp/fbta-lock
-	/tmp/fbta-lock/bin/pip install -q pip==$(PIP_VERSION) && /tmp/fbta-lock/bin/pip install -q -e '.[test]'
+	/tmp/fbta-lock/bin/pip install -q pip==$(PIP_VERSION) && /tmp/fbta-lock/bin/pip install -q -e '.[test,docs]'
 	{ echo "# Resolved, pinned environment for fbta. Regenerate: make lock"; \
 	  /tmp/fbta-lock/bin/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock
 

@@ -19,7 +19,7 @@ seg-teacher → seg-distill — then the side-by-side benchmarks, and writes
 Every step is timed and a failing step is recorded, not fatal. Tracking is off.
 ``--size dry`` (CPU, tiny) is what the test suite runs so this script cannot rot
 between GPU runs. On a bare CUDA box with PyTorch (no network), carry the
-missing wheels as README § "GPU check" says and run
+missing wheels as docs/gpu-check.md says and run
 ``PYTHONPATH=. python3 benchmarks/gpu_check.py --out $OUT``.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def environment(device: str) -> dict[str, Any]:
             missing.append(f"{mod} ({type(exc).__name__})")
     env["missing"] = missing
     if missing:
-        raise RuntimeError("missing packages: " + ", ".join(missing) + " — carry their wheels (README § GPU check)")
+        raise RuntimeError("missing packages: " + ", ".join(missing) + " — carry their wheels (docs/gpu-check.md)")
     return env
 
 

@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     import sklearn
 
     report = {
-        "benchmark": "kmeans", "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(),
                     "note": "shared machine: other processes ran during the benchmark (see load_avg_1m)"},
@@ -184,24 +183,26 @@ def main(argv: list[str] | None = None) -> int:
                  f"ReLU-clipped, seed {args.seed}"),
         "default_method": DEFAULT_METHOD, "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
     print(f"\n{'N':>6} {'thr':>3}  {'method':<55} {'min s':>7} {'median s':>8} {'iters':>6} {'inertia/best':>13}")
     for r in rows:
         print(f"{r['n']:>6} {r['threads']:>3}  {r['description']:<55} {r['wall_s']:>7.2f} {r['wall_median_s']:>8.2f} "
               f"{r['n_iter']:>6} {r['inertia_rel_best']:>13.5f}")
-    print(f"wrote {out}")
-    from common import append_row, command_line, machine
+    from common import BENCH_DIR, record
 
     best = {r["method"]: r for r in rows if r["n"] == max(x["n"] for x in rows) and r["threads"] == 1}
     parts = [f"{k} {v['wall_s']:.1f} s (inertia ×{v['inertia_rel_best']:.4f})" for k, v in sorted(best.items())]
-    append_row("kmeans", time.strftime("%Y-%m-%d %H:%M"), machine(), command_line(),
-               f"C={args.clusters}, N={max(x['n'] for x in rows)}×{args.dim} "
-               f"({'real features' if args.features else 'Gaussian mixture'}), 1 thread: " + "; ".join(parts)
-               + f" → default `{DEFAULT_METHOD}`")
+    headline = (f"C={args.clusters}, N={max(x['n'] for x in rows)}×{args.dim} "
+                f"({'real features' if args.features else 'Gaussian mixture'}), 1 thread: " + "; ".join(parts)
+                + f" → default `{DEFAULT_METHOD}`")
+    out = Path(args.out).resolve()
+    if out.parent == BENCH_DIR.resolve():  # a reports/bench/<name>.json: one JSON per command, BENCHMARKS.md row
+        record(out.stem, report, headline)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, out)
+        print(f"{headline}\nwrote {out}")
     return 0
 
 

@@ -114,7 +114,8 @@ def test_every_server_command_in_the_makefile_names_127_0_0_1_and_no_doc_binds_a
     assert {"serve", "dashboard", "mlflow-ui"} <= set(servers)
     for target, recipe in servers.items():
         assert re.search(r"(--host|-h)[ =]127\.0\.0\.1\b", recipe), f"make {target} does not bind 127.0.0.1: {recipe}"
-    docs = ["Makefile", "README.md", "flows/README.md", "prefect.yaml", "Dockerfile", "params.yaml", "dvc.yaml"]
+    docs = ["Makefile", "README.md", "flows/README.md", "prefect.yaml", "Dockerfile", "params.yaml", "dvc.yaml",
+            *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))]  # the docs site too
     for name in docs:
         for n, line in enumerate((ROOT / name).read_text().splitlines(), 1):
             assert not (SERVER.search(line) and ANY_ADDRESS.search(line)), f"{name}:{n} binds every interface: {line}"

@@ -410,7 +410,7 @@ def test_predict_fails_only_the_new_slide_whose_cached_features_are_nan_or_the_w
                  "(did you mean 'train.lr'?)", id="override-key"),
     pytest.param("file", ("\ntrain:", "\ntrian:"), "unknown key 'trian.method' (did you mean 'train.method'?)",
                  id="params-file-section"),
-    pytest.param("file", ("\n  lr: 0.0002", "\n  lrr: 0.0002"), "unknown key 'train.lrr' (did you mean 'train.lr'?)",
+    pytest.param("file", ("\n  lr: 0.001 ", "\n  lrr: 0.001 "), "unknown key 'train.lrr' (did you mean 'train.lr'?)",
                  id="params-file-key"),
 ])
 def test_a_params_typo_is_one_line_naming_the_key_and_its_nearest_valid_name(

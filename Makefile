@@ -14,6 +14,10 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
+# Prefect's ephemeral server (flows run directly, the tests) gets 300 s to start, not its default 20 s, which a
+# busy machine overruns (issue #27); a value already in the environment wins.
+PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 300
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
 .PHONY: help venv test test-slow demo lock clean-data serve flow-run dashboard mlflow-ui audit gpu-check
 

@@ -66,7 +66,7 @@ def listening(pid: int) -> set[tuple[str, int]]:
     return found
 
 
-def wait_listening(proc: subprocess.Popen, port: int, log: Path, seconds: float = 120) -> set[tuple[str, int]]:
+def wait_listening(proc: subprocess.Popen, port: int, log: Path, seconds: float = 300) -> set[tuple[str, int]]:
     deadline = time.time() + seconds
     while time.time() < deadline:
         assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
@@ -173,7 +173,7 @@ def test_make_mlflow_ui_and_the_prefect_server_of_make_serve_listen_on_loopback_
                                           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"})
     try:
         for proc, port, log in ((ui, mlflow_port, ui_log), (server, prefect_port, server_log)):
-            found = wait_listening(proc, port, log, 240)
+            found = wait_listening(proc, port, log)
             assert only_loopback(found), found
     finally:
         stop(ui)

@@ -59,7 +59,7 @@ def release_together(root: Path, argvs: list[list[str]], code: str = WORKER) -> 
 
 def outcomes(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
     """(exit code, output) of each process."""
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
     return [(p.returncode, out) for p, out in zip(procs, outs)]
 
 

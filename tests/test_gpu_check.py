@@ -18,7 +18,7 @@ def test_the_gpu_check_dry_runs_every_part_on_cpu_without_the_mlops_stack(tmp_pa
     code = (f"import sys, runpy\nfor m in {BLOCK!r}: sys.modules[m] = None\n"
             f"sys.argv = ['gpu_check.py', '--device', 'cpu', '--size', 'dry', '--out', {str(tmp_path)!r}]\n"
             "sys.path.insert(0, 'benchmarks')\nrunpy.run_path('benchmarks/gpu_check.py', run_name='__main__')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=850,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["ok"], (report["steps"], proc.stdout[-3000:], proc.stderr[-3000:])

@@ -249,7 +249,7 @@ def test_secrets_in_the_environment_never_reach_the_mlflow_store_outputs_or_logs
     ov += [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/mlruns",
            "train.epochs=1", "tracking.enabled=true"]
     done = subprocess.run([sys.executable, "-m", "fbta", "train", "--params", str(ROOT / "params.yaml"), *ov],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, **canaries})
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, **canaries})
     assert done.returncode == 0, done.stderr[-3000:]
 
     from mlflow.tracking import MlflowClient

@@ -19,12 +19,13 @@ export PYTHONDONTWRITEBYTECODE := 1
 PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 300
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-.PHONY: help venv test test-slow demo lock clean-data serve flow-run dashboard mlflow-ui audit gpu-check
+.PHONY: help venv test test-slow mutate demo lock clean-data serve flow-run dashboard mlflow-ui audit gpu-check
 
 help:
 	@echo "make demo       build .venv, make the demo cohort, run the pipeline (dvc repro), print results"
 	@echo "make test       build .venv, run the test suite (slow tests excluded)"
 	@echo "make test-slow  the slow tests only"
+	@echo "make mutate     mutation testing of the method cores (mutmut) → reports/mutation.json; PER_MODULE=0: all"
 	@echo "make gpu-check  on a CUDA machine: every GPU path + GPU figures → gpu_check.json (DEVICE=cpu: dry run)"
 	@echo "make lock       re-resolve requirements.lock from pyproject.toml"
 	@echo "make serve      Prefect server on 127.0.0.1:$(PREFECT_PORT) + the process serving prefect.yaml's deployments"
@@ -53,6 +54,12 @@ gpu-check:
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow
+
+# Outside the default suite (docs/testing.md): PER_MODULE mutants of each method core (default 40; 0 = all ~1,200,
+# hours on 2 cores), niced; results accumulate in mutants/ (gitignored), the scores and survivors in the JSON.
+PER_MODULE ?= 40
+mutate: venv
+	nice -n 10 $(BIN)/python tools/mutate.py --per-module $(PER_MODULE)
 
 demo: venv
 	@test -d .dvc || $(BIN)/dvc init -q

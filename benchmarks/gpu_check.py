@@ -148,8 +148,12 @@ def bf16_agreement(work: Path, device: str) -> dict[str, Any]:
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             p16.append(model.predict_proba(feats))
     a, b = np.stack(p32), np.stack(p16)
-    return {"slides": len(a), "same_class": float(np.mean(a.argmax(1) == b.argmax(1))),
-            "max_abs_prob_diff": float(np.abs(a - b).max())}
+    gap = float(np.abs(a - b).max())
+    top2 = np.sort(a, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]  # fp32: how far each slide is from changing class
+    return {"slides": len(a), "same_class": float(np.mean(a.argmax(1) == b.argmax(1))), "max_abs_prob_diff": gap,
+            # only these slides can change class under a gap this size: the others must keep theirs
+            "near_boundary": int(np.sum(margin <= 2 * gap))}
 
 
 def run_benchmark(script: str, args: list[str], name: str, out: Path) -> dict[str, Any]:

@@ -10,12 +10,16 @@ resumption and per-slide failure reports are those of ``fbta predict``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")  # before prefect reads its settings:
+# its 20 s default times out on a busy machine (issue #27); an explicit value in the environment wins
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_table_artifact  # noqa: E402
 
 DEFAULT_PARAMS = str(Path(__file__).resolve().parent.parent / "params.yaml")
 

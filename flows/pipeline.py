@@ -41,6 +41,8 @@ from typing import Any, Iterator, Optional
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # flows/ modules import each other by file name (deployments load them by path)
     sys.path.insert(0, str(HERE))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")  # before prefect reads its settings:
+# its 20 s default times out on a busy machine (issue #27); an explicit value in the environment wins
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402

@@ -33,10 +33,11 @@ def offline_env(prefect_home: Path) -> None:
     os.environ["DO_NOT_TRACK"] = "1"
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")  # issue #27: 20 s is too short
 
 
-def wait_healthy(api_url: str, timeout_s: float = 120.0, proc: Optional[subprocess.Popen] = None) -> None:
-    """Poll ``<api>/health`` until the server answers (cold start ~15 s on 2 cores)."""
+def wait_healthy(api_url: str, timeout_s: float = 300.0, proc: Optional[subprocess.Popen] = None) -> None:
+    """Poll ``<api>/health`` until the server answers or exits (cold start ~15 s on 2 idle cores, minutes busy)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:

@@ -1,11 +1,18 @@
 """Shared fixtures: the real slides in ../shared/data and small generated slides."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# Before any test imports prefect (its settings are read at import) and inherited by every subprocess the suite
+# starts: Prefect's ephemeral server gets 300 s to start, not its default 20 s, which a busy 2-core box overruns
+# (issue #27: test_dask failed with "Timed out while attempting to connect to ephemeral Prefect API server").
+EPHEMERAL_STARTUP_S = "300"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_S)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SLIDES = ROOT.parent / "shared" / "data" / "slides"

@@ -38,13 +38,13 @@ def env() -> dict[str, str]:
 
 
 def run(stage: str, overrides: Sequence[str], cwd: Path, preexec: Optional[Callable[[], None]] = None,
-        timeout: float = 300) -> subprocess.CompletedProcess:
+        timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(fbta_cmd(stage, overrides), cwd=cwd, env=env(), capture_output=True, text=True,
                           timeout=timeout, preexec_fn=preexec)
 
 
 def kill_when(stage: str, overrides: Sequence[str], cwd: Path, ready: Callable[[], bool],
-              timeout: float = 300) -> str:
+              timeout: float = 600) -> str:
     """Start the stage, SIGKILL it the moment ``ready()`` holds; returns its stderr so far."""
     proc = subprocess.Popen(fbta_cmd(stage, overrides), cwd=cwd, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)

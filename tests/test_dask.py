@@ -56,13 +56,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     proc = subprocess.Popen([sys.executable, "cluster.py"], cwd=here, env=env, stdin=subprocess.PIPE,
                             stdout=log_file, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # until the cluster writes its address (or exits)
         while not (here / "address").exists():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         address = (here / "address").read_text()
         assert address.startswith("tcp://127.0.0.1:"), address
-        with Client(address, timeout=30) as client:
+        with Client(address, timeout=120) as client:
             client.get_task_stream()  # installs the scheduler's task-stream plugin before any work
             yield {"address": address, "client": client, "workers": set(client.scheduler_info()["workers"]),
                    "log": log}

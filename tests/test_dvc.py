@@ -122,21 +122,30 @@ def _set_param(proj: Path, section: str, key: str, value: object) -> None:
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.mark.slow  # ~60 s: the fixture runs synth → tile → extract → cluster
+# In CI (was slow-only: status + a dry run): README's "`cluster.*` reaches the clusters and what reads them",
+# by a real `dvc repro` after a real params.yaml edit. ~60 s idle (the fixture: synth → tile → extract → cluster
+# on 3 small slides). Defects guarded: a stage listing params it does not read (extract re-runs on a cluster
+# change: minutes per slide on a real cohort), or cluster not listing cluster.* (a stale clustering is kept).
 def test_changing_fbta_c_reruns_only_cluster(clustered: Path):
     out = dvc(clustered, "status", "synth", "tile", "extract", "cluster")
     assert "up to date" in out, out
+    upstream = {s: md5s(clustered / "data" / d) for s, d in (("tile", "coords"), ("extract", "features"))}
     _set_param(clustered, "cluster", "n_clusters", 4)  # C, an FBTA parameter
     try:
         status = yaml.safe_load(dvc(clustered, "status", "--json", "synth", "tile", "extract", "cluster"))
         assert set(status) == {"cluster"}, status
         assert "changed deps" in str(status["cluster"]) and "params.yaml" in str(status["cluster"])
-        dry = dvc(clustered, "repro", "--dry", "cluster")
-        assert "Running stage 'cluster'" in dry
-        for upstream in ("synth", "tile", "extract"):
-            assert f"Stage '{upstream}' didn't change, skipping" in dry
+        ran = dvc(clustered, "repro", "cluster")  # for real: only cluster runs
+        assert "Running stage 'cluster'" in ran, ran
+        for stage in ("synth", "tile", "extract"):
+            assert f"Stage '{stage}' didn't change, skipping" in ran and f"Running stage '{stage}'" not in ran
+        assert {s: md5s(clustered / "data" / d) for s, d in (("tile", "coords"), ("extract", "features"))} == upstream
+        assert "up to date" in dvc(clustered, "status", "synth", "tile", "extract", "cluster")
+        recorded = yaml.safe_load((clustered / "dvc.lock").read_text())["stages"]["cluster"]["params"]["params.yaml"]
+        assert recorded.get("cluster.n_clusters", recorded.get("cluster", {}).get("n_clusters")) == 4  # the new C
     finally:
-        sh(clustered, "git", "checkout", "-q", "params.yaml")
+        sh(clustered, "git", "checkout", "-q", "params.yaml", "dvc.lock")
+        dvc(clustered, "checkout", "-q", "--force", "cluster")
 
 
 @pytest.mark.slow

@@ -260,7 +260,7 @@ def test_two_extract_runs_on_one_cohort_split_the_slides_and_neither_writes_a_sl
     root = fresh_copy(cohort, tmp_path)
     procs = [subprocess.Popen(fbta_cmd("extract", cohort_overrides(root)), cwd=tmp_path, env=env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     n_done = [int(re.search(r"(\d+) done", out).group(1)) for out, _ in outs]  # each run's own summary line
     assert sum(n_done) == N_SLIDES, outs  # every slide extracted exactly once, by one of the two

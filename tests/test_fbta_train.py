@@ -185,7 +185,7 @@ def test_fbta_training_killed_after_an_epoch_resumes_and_ends_with_the_models_of
             f"data.out={out}", "train.method=fbta", "fbta.epochs=4", "train.patience=4"]
     def train(argv: list[str]) -> subprocess.CompletedProcess:  # both runs as processes: same thread settings
         return subprocess.run([sys.executable, "-m", "fbta", "train", *argv, *PARAMS], cwd=tmp_path, env=env(),
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=600)
 
     assert train(runs["ref"]).returncode == 0
     folder = tmp_path / "killed" / "models" / "fbta_abmil"

@@ -53,13 +53,61 @@ def test_h_optimus_0_uses_its_own_stain_statistics() -> None:
     assert on_meta("uni").mean == (0.485, 0.456, 0.406)
 
 
-@pytest.mark.parametrize("name", ["uni", "virchow2", "gigapath"])
+# The tensors each published timm checkpoint holds, written from the model cards' architecture (depth, width,
+# MLP hidden size, LayerScale, register tokens, patch size) and NOT read back from the network under test: the
+# network must accept exactly these names and shapes. (depth, dim, mlp fc1 rows, fc2 columns, reg tokens,
+# pos-embed tokens, patch px)
+TIMM_CHECKPOINTS = {
+    "uni": (24, 1024, 4096, 4096, 0, 197, 16),            # ViT-L/16, LayerScale (init_values 1e-5)
+    "virchow2": (32, 1280, 6832, 3416, 4, 261, 14),       # ViT-H/14, SwiGLU packed (fc1 = 2 × 3416), 4 registers
+    "gigapath": (40, 1536, 8192, 4096, 0, 197, 16),       # ViT-g/14-style at patch 16, SwiGLU packed
+}
+
+
+def published_timm_state_dict(name: str) -> dict[str, torch.Tensor]:
+    depth, d, fc1, fc2, regs, pos, px = TIMM_CHECKPOINTS[name]
+    e = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    sd = {"cls_token": e(1, 1, d), "pos_embed": e(1, pos, d), "patch_embed.proj.weight": e(d, 3, px, px),
+          "patch_embed.proj.bias": e(d), "norm.weight": e(d), "norm.bias": e(d)}
+    if regs:
+        sd["reg_token"] = e(1, regs, d)
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd.update({b + "norm1.weight": e(d), b + "norm1.bias": e(d), b + "attn.qkv.weight": e(3 * d, d),
+                   b + "attn.qkv.bias": e(3 * d), b + "attn.proj.weight": e(d, d), b + "attn.proj.bias": e(d),
+                   b + "ls1.gamma": e(d), b + "norm2.weight": e(d), b + "norm2.bias": e(d),
+                   b + "mlp.fc1.weight": e(fc1, d), b + "mlp.fc1.bias": e(fc1), b + "mlp.fc2.weight": e(d, fc2),
+                   b + "mlp.fc2.bias": e(d), b + "ls2.gamma": e(d)})
+    return sd
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_CHECKPOINTS))
 def test_a_timm_named_checkpoint_loads_with_no_missing_or_unexpected_tensor(name: str) -> None:
+    """Defect guarded: the encoder is built with another depth, width, MLP, no LayerScale or no registers — the
+    real checkpoint would then not load (before, the test fed the network its own state dict: it could not fail)."""
     ext = on_meta(name)
     net = getattr(ext.trunk, "net", ext.trunk)
-    published = {k: torch.empty(v.shape, device="meta") for k, v in net.state_dict().items()}
+    published = published_timm_state_dict(name)
     published["head.weight"] = torch.empty(0, device="meta")  # some releases keep an empty head
     load_into(net, published, name=name, source="test", ignore_prefixes=("head.",))  # as build_encoder does
+
+
+@pytest.mark.parametrize("change", ["drop LayerScale", "one block short", "no register tokens", "narrower MLP"])
+def test_a_checkpoint_of_another_build_is_refused_by_name_and_shape(change: str) -> None:
+    """The check above can fail: each of these differences is one clear WeightsError, never a partial load."""
+    name = "virchow2"
+    sd = published_timm_state_dict(name)
+    if change == "drop LayerScale":
+        sd = {k: v for k, v in sd.items() if ".ls" not in k}
+    elif change == "one block short":
+        sd = {k: v for k, v in sd.items() if not k.startswith("blocks.31.")}
+    elif change == "no register tokens":
+        del sd["reg_token"]
+    else:
+        sd["blocks.0.mlp.fc1.weight"] = torch.empty(5120, 1280, device="meta")
+    net = getattr(on_meta(name).trunk, "net", on_meta(name).trunk)
+    with pytest.raises(WeightsError, match="virchow2: weights from test do not fit"):
+        load_into(net, sd, name=name, source="test")
 
 
 def hf_dinov2_state_dict(depth: int = 24, d: int = 1024, tokens: int = 197) -> dict[str, torch.Tensor]:

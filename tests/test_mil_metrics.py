@@ -150,3 +150,24 @@ def test_heatmap_values_and_localisation_figures() -> None:
     loc = localisation(np.array([0.5, 0.1, 0.3, 0.1]), frac)
     assert loc.auc == 1.0 and loc.n_inside == 2 and loc.n_border == 0 and loc.top10_inside == 1.0
     assert loc.mean_inside == pytest.approx(0.4 / 0.25) and loc.mean_outside == pytest.approx(0.1 / 0.25)
+
+
+def test_roc_points_are_every_threshold_of_each_present_class_one_vs_rest() -> None:
+    """The ROC files (roc_<variant>.csv) hold every point, per class present, thresholds capped at 1.
+    Defects guarded (survivors of `make mutate`): the positives taken as the other classes, a class with no
+    slide ending the loop (break) instead of being skipped, intermediate points dropped (drop_intermediate),
+    the threshold column renamed, sklearn's infinite first threshold left above 1."""
+    y = np.array([0, 0, 2, 2, 2, 0, 2, 0])  # class 1 ("b") has no slide: skipped, and "c" still drawn after it
+    p = np.array([[.7, .1, .2], [.6, .2, .2], [.2, .1, .7], [.3, .1, .6], [.5, .1, .4], [.4, .2, .4],
+                  [.1, .1, .8], [.5, .3, .2]])
+    rows = roc_points(y, p, ["a", "b", "c"])
+    assert {r["class"] for r in rows} == {"a", "c"} and all(set(r) == {"class", "fpr", "tpr", "threshold"} for r in rows)
+    for c, name in ((0, "a"), (2, "c")):
+        fpr, tpr, thr = skm.roc_curve(y == c, p[:, c], drop_intermediate=False)
+        got = [r for r in rows if r["class"] == name]
+        assert [(r["fpr"], r["tpr"]) for r in got] == list(zip(fpr.tolist(), tpr.tolist()))
+        assert got[0]["threshold"] == 1.0 and [r["threshold"] for r in got[1:]] == thr[1:].tolist()
+    assert len([r for r in rows if r["class"] == "c"]) > len(skm.roc_curve(y == 2, p[:, 2])[0])  # none dropped
+    binary = roc_points(np.array([0, 1, 1, 0]), np.array([[.8, .2], [.3, .7], [.4, .6], [.6, .4]]), ["n", "t"])
+    assert {r["class"] for r in binary} == {"t"} and binary[-1] == {"class": "t", "fpr": 1.0, "tpr": 1.0,
+                                                                    "threshold": 0.2}

@@ -66,7 +66,7 @@ def listening(pid: int) -> set[tuple[str, int]]:
     return found
 
 
-def wait_listening(proc: subprocess.Popen, port: int, log: Path, seconds: float = 120) -> set[tuple[str, int]]:
+def wait_listening(proc: subprocess.Popen, port: int, log: Path, seconds: float = 300) -> set[tuple[str, int]]:
     deadline = time.time() + seconds
     while time.time() < deadline:
         assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
@@ -174,7 +174,7 @@ def test_make_mlflow_ui_and_the_prefect_server_of_make_serve_listen_on_loopback_
                                           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"})
     try:
         for proc, port, log in ((ui, mlflow_port, ui_log), (server, prefect_port, server_log)):
-            found = wait_listening(proc, port, log, 240)
+            found = wait_listening(proc, port, log)
             assert only_loopback(found), found
     finally:
         stop(ui)
@@ -250,7 +250,7 @@ def test_secrets_in_the_environment_never_reach_the_mlflow_store_outputs_or_logs
     ov += [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/mlruns",
            "train.epochs=1", "tracking.enabled=true"]
     done = subprocess.run([sys.executable, "-m", "fbta", "train", "--params", str(ROOT / "params.yaml"), *ov],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, **canaries})
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, **canaries})
     assert done.returncode == 0, done.stderr[-3000:]
 
     from mlflow.tracking import MlflowClient

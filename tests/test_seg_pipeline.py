@@ -28,16 +28,21 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return d + SMALL + TINY_NET
 
 
-@pytest.mark.slow  # ~1 min on 2 idle cores (synth + tile + two short trainings)
+# Long enough to learn the 8-slide cohort (measured: test F1 0.80 teacher and student vs 0.50 / 0.44 for the
+# all-background / all-tumour maps), short enough for CI: ~50 s of training on 2 busy cores.
+LEARN = ["seg.teacher.epochs=6", "seg.distill.epochs=4"]
+
+
+# In CI (was slow-only): README's segmentation path end to end, teacher then fusion-KD student with role reversal
 def test_teacher_then_distill_write_models_metrics_pseudo_masks_and_overlays(cohort: list[str], capsys):
     out = Path(cohort[3].split("=", 1)[1])
-    assert main(["seg-teacher", *cohort]) == 0
+    assert main(["seg-teacher", *cohort, *LEARN]) == 0
     first = capsys.readouterr().out
     assert "cached" in first and "seg-teacher: best epoch" in first
     assert "seg: weak labels — positive: tumour share ≥ 0.5" in first and "ambiguous" in first
-    assert "seg-teacher: epoch 2/2" in first and " s" in first  # one line per epoch with its wall time
+    assert "seg-teacher: epoch 6/6" in first and " s" in first  # one line per epoch with its wall time
     assert "baseline_all_background" in first and "baseline_all_tumour" in first  # the printed table
-    assert main(["seg-distill", *cohort]) == 0
+    assert main(["seg-distill", *cohort, *LEARN]) == 0
     second = capsys.readouterr().out
     assert "role reversal" in second and "baseline_all_tumour" in second and "seg-distill: slide maps" in second
 
@@ -59,6 +64,13 @@ def test_teacher_then_distill_write_models_metrics_pseudo_masks_and_overlays(coh
         assert {"f1", "iou", "tumour_f1_pos", "background_f1_neg", "val_f1"} <= set(base)
     assert merged["segmentation"]["baseline_all_background"]["tumour_f1_pos"] == 0.0
     assert merged["segmentation"]["baseline_all_background"]["background_f1_neg"] == 1.0
+    # They must learn: defects guarded — a loss that ignores the labels or has its sign flipped, masks misaligned
+    # with their patches, a student never trained (the trivial maps score ≈ 0.5 by construction, see README)
+    trivial = max(merged["segmentation"][b]["f1"] for b in ("baseline_all_background", "baseline_all_tumour"))
+    for role in ("teacher", "student"):
+        entry = merged["segmentation"][role]
+        assert entry["beats_baselines"] is True and entry["f1"] >= trivial + 0.15, (role, entry, trivial)
+        assert entry["tumour_f1_pos"] > 0.5 and entry["background_f1_neg"] > 0.5, (role, entry)
 
     with h5py.File(out / "seg/patches/train.h5") as f:
         labels, n, group = f["labels"][:], len(f["images"]), f["group"][:]
@@ -82,7 +94,7 @@ def test_teacher_then_distill_write_models_metrics_pseudo_masks_and_overlays(coh
         probs = seg.predict(f["images"][:2])
     assert probs.shape == (2, 256, 256) and 0 <= probs.min() and probs.max() <= 1
 
-    assert main(["seg-teacher", *cohort]) == 0  # caches up to date: not rebuilt
+    assert main(["seg-teacher", *cohort, "seg.teacher.epochs=1"]) == 0  # caches up to date: not rebuilt
     assert "cached" not in capsys.readouterr().out
 
 

@@ -68,9 +68,11 @@ def test_promotion_refuses_a_degenerate_segmenter_even_with_a_better_score(tmp_p
     assert promote(ok, "seg", "segmenter", "2", tmp_path / ".lock")["decision"] == "promoted"
 
 
-@pytest.mark.slow  # ~17 s on 2 cores: creating a SQLite MLflow store and logging a pyfunc model
+# In CI (was slow-only; the fast test above uses an in-memory client): ~17 s idle, a SQLite MLflow store + a pyfunc
 def test_fbta_register_does_not_make_a_degenerate_segmenter_champion(tmp_path: Path, capsys):
-    """Through the real command and a real SQLite registry."""
+    """Through the real command and a real SQLite registry. Defects guarded: the flag lost between meta.json and
+    the version's tags (publish), or `promote` reading another tag — the better-scoring degenerate model would
+    then be @champion in the store, whatever an in-memory client says."""
     from fbta.cli import main
     from fbta.seg.model import save_segmenter
     from fbta.seg.network import SideOutputNet
@@ -86,3 +88,9 @@ def test_fbta_register_does_not_make_a_degenerate_segmenter_champion(tmp_path: P
     assert "rejected" in out and "degenerate segmenter" in out
     d = json.loads((tmp_path / "out/reports/registry/seg-degenerate.json").read_text())
     assert d["decision"] == "rejected" and "champion" not in d["aliases"]
+    from mlflow.tracking import MlflowClient
+
+    store = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # what the store itself says, read afresh
+    assert "champion" not in store.get_registered_model("seg-degenerate").aliases
+    (v,) = store.search_model_versions("name='seg-degenerate'")
+    assert v.tags[TAG + "beats_baselines"] == "False" and v.tags[TAG + "decision"] == "rejected"

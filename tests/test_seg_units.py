@@ -13,8 +13,8 @@ from PIL import Image
 from fbta.seg import SegmenterError, load_segmenter
 from fbta.seg.dataset import MaskError, PatchSet, patch_masks, read_mask
 from fbta.seg.distill import DistillOptions, fit_distill
-from fbta.seg.losses import CE_FORMS, distill_dice_loss, gmp, pixel_ce, soft_dice, teacher_dice_loss, weak_dice, \
-    weighted_ce
+from fbta.seg.losses import CE_FORMS, distill_dice_loss, gmp, pixel_ce, soft_dice, teacher_dice_loss, \
+    teacher_gmp_bce_loss, weak_dice, weighted_ce
 from fbta.seg.metrics import f1_iou, hausdorff, score_image, score_maps
 from fbta.seg.model import save_segmenter
 from fbta.seg.network import SegOutput, SideOutputNet, create_segnet
@@ -499,3 +499,17 @@ def test_slide_map_stitches_patch_predictions_over_the_slide(tmp_path: Path):
     assert pick_slides([("a", True), ("b", False), ("c", True), ("d", True)], 3) == ["a", "c", "b"]
     assert pick_slides([("b", False), ("e", False)], 3) == ["b", "e"]
     assert pick_slides([("a", True)], 0) == []
+
+
+def test_gmp_bce_teacher_loss_is_the_summed_bce_of_each_maps_generalised_mean() -> None:
+    """`seg.teacher.loss=gmp_bce` (no test called it before `make mutate`: every mutant survived unseen).
+    Defects guarded: the labels not reaching the BCE, a mean instead of a sum, the r = 4 mean replaced."""
+    half = torch.zeros(2, 1, 4, 4)
+    half[:, :, :2] = 1.0  # half the map at 1: gmp with r = 4 is 0.5 ** (1/4)
+    maps = _out(half, half, half, torch.full((2, 1, 4, 4), 0.8))
+    labels = torch.tensor([1.0, 0.0])
+    g = 0.5 ** 0.25
+    per_map = [-(math.log(g) + math.log(1 - g))] * 3 + [-(math.log(0.8) + math.log(0.2))]
+    assert teacher_gmp_bce_loss(maps, labels).item() == pytest.approx(sum(per_map), rel=1e-5)
+    assert teacher_gmp_bce_loss(maps, labels, r=1.0).item() == pytest.approx(
+        3 * -(math.log(0.5) + math.log(0.5)) - (math.log(0.8) + math.log(0.2)), rel=1e-5)

@@ -42,7 +42,7 @@ def post(url: str, payload: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
-def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float = 120.0) -> None:
+def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float = 300.0) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:

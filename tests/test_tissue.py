@@ -137,3 +137,15 @@ def test_dust_on_glass_is_not_a_net_of_strands():
     ys, xs = rng.integers(0, 300, 150), rng.integers(0, 300, 150)  # sparse specks, 1 px each
     img[ys, xs] = (200, 150, 170)
     assert not tissue_mask(img, MPP, CFG).any()
+
+
+def test_red_ink_starts_strictly_above_r_120_and_the_closing_disk_includes_its_rim() -> None:
+    """Exact boundaries (survivors of `make mutate`). Defects guarded: `r ≥ 120` flags darker red-brown tissue
+    as ink; a disk without its rim (`<` for `≤`) closes gaps one pixel narrower than `tissue.close_um` says."""
+    from fbta.tiling.tissue import _disk
+
+    px = np.array([[[120, 30, 40], [121, 30, 40]]], np.uint8)  # G < 0.3 R and B < 0.45 R: red ink hues
+    assert pen_mask(px).tolist() == [[False, True]]
+    assert _disk(2).astype(int).tolist() == [[0, 0, 1, 0, 0], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0],
+                                             [0, 0, 1, 0, 0]]
+    assert _disk(0).tolist() == [[True]]

@@ -79,6 +79,48 @@ def test_evaluate_rebuilds_metrics_json_keeping_the_other_stages_results(workspa
     assert json.loads((out / "reports/metrics/evaluate_vanilla.json").read_text())["classification"]["vanilla"]
 
 
+def _moved(ov: list[str], tmp_path: Path, moves: dict[str, str]) -> list[str]:
+    """The workspace's overrides with a copy of labels.csv in which the named slides changed split (and only them)."""
+    src = Path(next(o for o in ov if o.startswith("data.labels=")).split("=", 1)[1])
+    rows = list(csv.DictReader(open(src)))
+    for r in rows:
+        r["split"] = moves.get(r["slide_id"], r["split"])
+    dst = tmp_path / "labels_moved.csv"
+    with open(dst, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return [o for o in ov if not o.startswith("data.labels=")] + [f"data.labels={dst}"]
+
+
+@pytest.mark.parametrize("moved_from, scored", [("train", "test"), ("val", "test"), ("train", "val")])
+def test_evaluate_refuses_a_slide_the_model_was_trained_or_selected_on(workspace, tmp_path: Path, capsys,
+                                                                       moved_from: str, scored: str) -> None:
+    """README: `evaluate` refuses to score a slide the model was trained or selected on. Defect guarded: the
+    split is re-read from labels.csv at evaluation time, so a slide relabelled into the scored split after training
+    (or a split drawn again) would be scored although the model saw it — a leaked, optimistic metric."""
+    out, ov = workspace
+    meta = json.loads((out / "models/vanilla_abmil/meta.json").read_text())
+    leaked = sorted(meta["split"][moved_from])[0]
+    moved = _moved(ov, tmp_path, {leaked: scored})
+    before = (out / "reports/metrics.json").read_text() if (out / "reports/metrics.json").exists() else None
+    assert fbta("evaluate", *moved, f"evaluate.split={scored}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and leaked in err[0] and "were used to train or select this model" in err[0], err
+    after = (out / "reports/metrics.json").read_text() if (out / "reports/metrics.json").exists() else None
+    assert after == before  # nothing scored, nothing written
+
+
+def test_evaluate_on_val_scores_the_slides_the_model_was_selected_on_but_never_its_training_slides(workspace,
+                                                                                                  capsys) -> None:
+    """The refusal is exact, not a blanket one: validation slides may be scored on `evaluate.split=val`."""
+    out, ov = workspace
+    assert fbta("evaluate", *ov, "evaluate.split=val") == 0
+    meta = json.loads((out / "models/vanilla_abmil/meta.json").read_text())
+    m = json.loads((out / "reports/metrics.json").read_text())["classification"]["vanilla_val"]
+    assert m["n"] == len(meta["split"]["val"])
+
+
 def test_training_writes_a_weights_only_checkpoint_with_its_metadata(workspace) -> None:
     out, _ = workspace
     folder = out / "models/vanilla_abmil"

@@ -106,7 +106,7 @@ def test_optuna_dashboard_shows_the_study(tuned) -> None:
     proc = subprocess.Popen([str(exe), f"sqlite:///{root}/optuna.db", "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline, studies = time.time() + 60, None
+        deadline, studies = time.time() + 300, None  # a condition: the dashboard answers (or exits)
         while time.time() < deadline and studies is None:
             assert proc.poll() is None, "optuna-dashboard exited"
             try:
@@ -146,10 +146,50 @@ def test_tune_flow_continues_the_study_and_proposes_the_best_model_for_champion(
     from prefect.testing.utilities import prefect_test_harness
     from tune import tune_flow
 
-    with prefect_test_harness(server_startup_timeout=120):  # a busy 2-core box starts it slowly
+    with prefect_test_harness(server_startup_timeout=None):  # None: conftest's 300 s (busy 2-core box)
         result = tune_flow(params=PARAMS[1], overrides=[*ov, "tune.n_trials=3", "register.models=[classifier]"])
     assert result["tune"]["best_trial"] == 0 and result["tune"]["trials"]["COMPLETE"] >= 1
     reg = result["registry"]
     assert reg["decision"] == "promoted" and reg["folder"].endswith("trial_0000/models/vanilla_abmil")
     mv = MlflowClient(f"sqlite:///{root}/mlflow.db").get_model_version_by_alias("fbta-classifier", "champion")
     assert mv.tags["fbta.val_auc"] == "1.0"
+
+
+def test_a_trial_left_running_by_a_killed_process_is_failed_by_the_heartbeat_and_retried_once(tmp_path) -> None:
+    """README: trials left running by a killed process are failed by the heartbeat and their parameters retried
+    once. A real `fbta tune` is SIGKILLed inside its first trial; the store then says RUNNING forever. Only the
+    passage of the grace period (180 s) is simulated, by ageing that trial's last heartbeat in the SQLite store.
+    Defects guarded: no heartbeat (the trial stays RUNNING and is never retried), a retry with other parameters
+    (the killed configuration is never measured), or the stale trial counted as finished."""
+    import sqlite3
+
+    from faultkit import kill_when
+
+    ov = [o for o in make_cohort(tmp_path) + SMALL_HEADS["abmil"] if o != "tracking.enabled=false"]
+    db = tmp_path / "optuna.db"
+    ov += [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/mlruns",
+           f"tune.storage=sqlite:///{db}", "tune.dataset=toy", "tune.startup_trials=1", "tune.warmup_epochs=0",
+           "tune.lr=[0.00005,0.001]"]
+
+    def beating() -> bool:  # the first trial runs: it has drawn its learning rate and recorded a heartbeat
+        try:
+            with sqlite3.connect(db, timeout=5) as con:
+                return all(con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] > 0
+                           for table in ("trial_heartbeats", "trial_params"))
+        except sqlite3.Error:  # not created yet
+            return False
+
+    kill_when("tune", [*ov, "tune.n_trials=1", "tune.epochs=200"], tmp_path, beating)
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{db}")
+    (killed,) = study.get_trials(deepcopy=False)
+    assert killed.state == optuna.trial.TrialState.RUNNING and set(killed.params) == {"train.lr"}
+
+    with sqlite3.connect(db) as con:  # 10 minutes pass (grace period 180 s)
+        con.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-600 seconds')")
+    assert fbta("tune", *ov, "tune.n_trials=1", "tune.epochs=2") == 0
+    trials = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{db}").get_trials(deepcopy=False)
+    states = {t.number: t.state for t in trials}
+    assert states[killed.number] == optuna.trial.TrialState.FAIL, states
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == killed.params
+    assert len(trials) == 2  # the retry counted as the one finished trial asked for; nothing else ran

@@ -43,9 +43,9 @@ SELF_CHECK_MAX_DIFF = 4  # |fast − OpenSlide| allowed on the check tile (JPEG 
 CACHE_BYTES = 64 << 20  # decoded tiles kept per process, over every open slide (FBTA keeps hundreds open)
 DCT_SCALES = (2, 4, 8)  # libjpeg's power-of-two scaled decodes
 JPEG = 7  # TIFF compression code of (new-style) JPEG
-# scaled tile vs the area average of OpenSlide's full read on the check tile: a wrong colour space, a tile
-# out of place or a pixel of shift scores well below; the reduced IDCT's rounding (4:4:4, > 50 dB) and
-# chroma kept at its stored resolution instead of interpolated (4:2:0, > 35 dB) above (docs/slide-reading.md)
+# scaled tile vs the area average of OpenSlide's full read on the check tile: a wrong colour space or one
+# output pixel of shift scores 10–20 dB; the reduced IDCT's rounding (4:4:4, ≈ 55 dB) and chroma kept at its
+# stored resolution instead of interpolated (4:2:0, ≈ 35–50 dB) score above (docs/slide-reading.md)
 SCALED_CHECK_MIN_PSNR = 30.0
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"  # APP14, transform 0: RGB
 

@@ -189,3 +189,9 @@ def test_a_scan_within_tolerance_of_a_power_of_two_reads_exactly_that_multiple()
     assert read_size_for(256, 0.5 / 0.1235, 1.0, 0.02) == 1024  # an 80× scan at 20×
     assert read_size_for(256, 1.5, 1.0, 0.02) == 384  # 1.5× is no DCT scale: the ceiling, as before
     assert read_size_for(256, 2.2, 1.0, 0.02) == 564  # outside the tolerance: the exact size
+
+
+def test_patches_are_writable_arrays_on_both_paths(slide40: Path):
+    """torch.from_numpy warns on (and may not write to) a read-only array: both paths hand out their own."""
+    with open_slide(slide40) as s, open_slide(slide40, scaled_decode=False) as t:
+        assert s.read_patch(0, 0, 0, 512, 256).flags.writeable and t.read_patch(0, 0, 0, 512, 256).flags.writeable

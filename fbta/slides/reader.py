@@ -84,7 +84,7 @@ class Slide:
         """A square patch read at ``level`` and resized to ``out_size`` (the target MPP)."""
         img = self.read_region(x, y, level, read_size, read_size)
         if read_size != out_size:
-            img = np.asarray(Image.fromarray(img).resize((out_size, out_size), Image.BILINEAR))
+            img = np.array(Image.fromarray(img).resize((out_size, out_size), Image.BILINEAR))  # writable, for torch
         return img
 
     def read_at_mpp(self, mpp: float) -> tuple[np.ndarray, float]:

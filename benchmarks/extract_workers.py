@@ -1,12 +1,17 @@
 """Sizing loader workers for a GPU: reader patches/s per worker, and persistent vs per-slide workers.
 
-Side by side in one run, on the same generated slides and coords:
+Side by side in one run, on the same generated slides and coords, with the
+real extractor (efficientnet_lite0, offline ImageNet weights, at the CPU demo's
+112 px input unless ``--input-size``; issue #28):
 
 1. **Reader throughput per worker**: one cohort loader (``CohortPatches``)
    drained with no model, for 0 (main process), 1, 2, … workers — patches/s and
    patches/s per worker. A GPU that runs the extractor at F patches/s needs
    about F / (per-worker figure) workers.
-2. **Persistent vs restarted workers**: the stage's path (one loader for the
+2. **Extraction throughput per worker count**: the stage's path
+   (``extract_cohort``, one persistent loader) with the model, per worker count —
+   on a CPU the workers and the model share the cores.
+3. **Persistent vs restarted workers**: the stage's path (one loader for the
    cohort, workers live across slides, ``extract_cohort``) against a fresh
    loader per slide (``extract_patches``, what the stage did before), with the
    same model, batch size and workers, over many small slides — where worker
@@ -18,6 +23,7 @@ Side by side in one run, on the same generated slides and coords:
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -80,15 +86,17 @@ def main() -> None:
     ap.add_argument("--slides", type=int, default=12)
     ap.add_argument("--side", type=int, default=2048, help="level-0 side of each generated slide (px)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--model", default="test_resnet", help="a cheap model keeps the comparison about the loader")
+    ap.add_argument("--model", default="efficientnet_lite0", help="test_* models: random weights")
+    ap.add_argument("--input-size", type=int, default=112, help="px the network sees (params.yaml's demo value)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)
     extractor = create_extractor(args.model, weights="random" if args.model.startswith("test_") else None,
-                                 trainable=False, device=device)
+                                 trainable=False, device=device, input_size=args.input_size)
+    load = os.getloadavg()
     compare_workers = max(w for w in args.workers)
     with tempfile.TemporaryDirectory() as tmp:
         slides = make_slides(Path(tmp), args.slides, args.side)
@@ -99,6 +107,11 @@ def main() -> None:
             rates = [drain(CohortPatches(slides), w, args.batch_size) for _ in range(args.rounds)]
             reader[w] = float(np.median(rates))
             print(f"reader, {w} worker(s): {reader[w]:.0f} patches/s ({reader[w] / max(w, 1):.0f} per worker)")
+        e2e = {}
+        for w in args.workers:
+            e2e[w] = float(np.median([persistent(slides, extractor, device, args.batch_size, w)[0]
+                                      for _ in range(args.rounds)]))
+            print(f"extraction ({args.model}, {args.input_size} px), {w} worker(s): {e2e[w]:.1f} patches/s")
         old, new, maxdiff = [], [], 0.0
         for r in range(args.rounds):  # alternate, so drift on a noisy machine hits both arms
             a, fa = per_slide(slides, extractor, device, args.batch_size, compare_workers)
@@ -111,6 +124,9 @@ def main() -> None:
     ratios = [b / a for a, b in zip(old, new)]
     record("extract_workers", {
         "slides": args.slides, "side_px": args.side, "patches": n, "model": args.model, "device": str(device),
+        "weights": extractor.weights_id, "input_size": args.input_size, "cpu_cores": os.cpu_count(),
+        "loadavg_at_start": [round(v, 2) for v in load], "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
+        "extract_patches_per_s": {str(w): round(v, 1) for w, v in e2e.items()},
         "batch_size": args.batch_size, "reader_patches_per_s": {str(w): round(v, 1) for w, v in reader.items()},
         "reader_patches_per_s_per_worker": {str(w): round(v / max(w, 1), 1) for w, v in reader.items()},
         "compare_workers": compare_workers, "per_slide_patches_per_s": [round(v, 1) for v in old],
@@ -118,7 +134,9 @@ def main() -> None:
         "max_abs_feature_difference": maxdiff,
     }, f"persistent loader / per-slide loaders = {np.median(ratios):.2f}× ({compare_workers} workers, "
        f"{args.slides} slides × {n // args.slides} patches, max |Δfeature| {maxdiff:.1g}); reader per worker: "
-       + ", ".join(f"{w}w {reader[w] / max(w, 1):.0f}/s" for w in args.workers))
+       + ", ".join(f"{w}w {reader[w] / max(w, 1):.0f}/s" for w in args.workers)
+       + f"; extraction ({args.model} {args.input_size} px): "
+       + ", ".join(f"{w}w {e2e[w]:.0f}/s" for w in args.workers))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ line naming the file or override, the key and the problem.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -15,6 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fbta.schema import Config
+
+
+SCALED_DECODE_ENV = "FBTA_SCALED_DECODE"  # extract.scaled_decode, for fbta.slides.reader.open_slide
 
 
 class ConfigError(ValueError):
@@ -99,6 +103,9 @@ def load_config(params: str | Path | None = "params.yaml", overrides: Sequence[s
             raise ConfigError(_one_line(exc, f"override '{item}'", item.split("=", 1)[0].strip())) from exc
     _refuse_env(OmegaConf.to_container(cfg, resolve=False), "")
     OmegaConf.set_readonly(cfg, True)
+    # every patch reader — DataLoader workers forked or spawned, per-slide task processes — reads the
+    # switch from the environment (fbta.slides.reader), so the config's value is exported there
+    os.environ[SCALED_DECODE_ENV] = "1" if cfg.extract.scaled_decode else "0"
     return cfg
 
 

@@ -102,6 +102,7 @@ class ExtractCfg:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bfloat16/float16 autocast on GPU
     input_size: int = 0  # px the network sees (patches resized to it); 0: the model's own (224). FBTA's TFE uses it too
+    scaled_decode: bool = True  # patches 2×/4×/8× below a JPEG level (40× slide at 20×): DCT-scaled tile decode
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fbta.features.registry import Extractor
 from fbta.device import resolve_device
-from fbta.slides.reader import Slide, open_slide
+from fbta.slides.reader import Slide, dct_scale, open_slide, scaled_decode_default
 
 
 class SlidePatches(Dataset):
@@ -61,8 +61,15 @@ pick_device = resolve_device  # the name earlier code imported
 
 
 def features_fingerprint(extractor: Extractor, coords_attrs: dict[str, Any]) -> str:
-    """Changes when the backbone, its weights or the coordinates change."""
-    blob = json.dumps([extractor.describe(), coords_attrs.get("fbta_params")], sort_keys=True, default=str)
+    """Changes when the backbone, its weights or the coordinates change — or, where patches are 2×/4×/8×
+    below their level, the way they are decoded (``extract.scaled_decode``); elsewhere the switch changes
+    nothing, and neither does the fingerprint."""
+    parts = [extractor.describe(), coords_attrs.get("fbta_params")]
+    scale = dct_scale(int(coords_attrs.get("level_patch_size", coords_attrs.get("patch_size", 0))),
+                      int(coords_attrs.get("patch_size", 0)))
+    if scale:
+        parts.append(f"patch decode 1/{scale} {'dct' if scaled_decode_default() else 'resize'}")
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

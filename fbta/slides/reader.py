@@ -15,8 +15,9 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from fbta.config import SCALED_DECODE_ENV
 from fbta.slides.mpp import MppError, resolve_mpp
-from fbta.slides.tiled import TiledTiff, level_origin
+from fbta.slides.tiled import DCT_SCALES, TiledTiff, level_origin
 
 OPENSLIDE_EXTENSIONS = {".svs", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide", ".tif", ".tiff", ".dcm"}
 IMAGE_EXTENSIONS = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
@@ -83,7 +84,7 @@ class Slide:
         """A square patch read at ``level`` and resized to ``out_size`` (the target MPP)."""
         img = self.read_region(x, y, level, read_size, read_size)
         if read_size != out_size:
-            img = np.asarray(Image.fromarray(img).resize((out_size, out_size), Image.BILINEAR))
+            img = np.array(Image.fromarray(img).resize((out_size, out_size), Image.BILINEAR))  # writable, for torch
         return img
 
     def read_at_mpp(self, mpp: float) -> tuple[np.ndarray, float]:
@@ -111,13 +112,28 @@ READERS = ("auto", "openslide")
 READER_ENV = "FBTA_SLIDE_READER"
 
 
+def scaled_decode_default() -> bool:
+    """``$FBTA_SCALED_DECODE``: on unless 0/false/no/off (fbta.config exports ``extract.scaled_decode`` there,
+    so DataLoader workers, forked or spawned, read patches the way the config says)."""
+    return os.environ.get(SCALED_DECODE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def dct_scale(read_size: int, out_size: int) -> int:
+    """The DCT scale (2, 4, 8) that turns ``read_size`` level pixels into ``out_size``, else 0."""
+    if out_size > 0 and read_size % out_size == 0 and read_size // out_size in DCT_SCALES:
+        return read_size // out_size
+    return 0
+
+
 class OpenSlideSlide(Slide):
     """OpenSlide's metadata; pixels from the TIFF's own tiles where ``reader='auto'`` allows (fbta.slides.tiled)."""
 
-    def __init__(self, path: Path, csv_mpp: Optional[float], default_mpp: Optional[float], reader: str = "auto"):
+    def __init__(self, path: Path, csv_mpp: Optional[float], default_mpp: Optional[float], reader: str = "auto",
+                 scaled_decode: bool = True):
         import openslide
 
         self.path = path
+        self.scaled_decode = scaled_decode
         try:
             self._osr = openslide.OpenSlide(str(path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
@@ -155,6 +171,29 @@ class OpenSlideSlide(Slide):
                 except Exception:  # a tile that does not decode: OpenSlide reads it or names the problem
                     pass
         return self._openslide_read(x, y, level, width, height)
+
+    def read_patch(self, x: int, y: int, level: int, read_size: int, out_size: int) -> np.ndarray:
+        """A patch downsampled 2×, 4× or 8× from a JPEG level comes from DCT-scaled tile decodes (no resize);
+        anything else — or a scale whose check against OpenSlide failed — is read and resized as before."""
+        scaled = self.read_scaled(x, y, level, read_size, out_size)
+        return scaled if scaled is not None else super().read_patch(x, y, level, read_size, out_size)
+
+    def read_scaled(self, x: int, y: int, level: int, read_size: int, out_size: int) -> Optional[np.ndarray]:
+        """The DCT-scaled read of ``read_patch``, or None where it does not apply."""
+        scale, tiles = dct_scale(read_size, out_size), self._tiles
+        if not (self.scaled_decode and scale and tiles is not None and tiles.usable(level)):
+            return None
+        ds = self.levels[level].downsample
+        origin = level_origin(x, y, ds)
+        if origin is None or not tiles.can_scale(level, *origin, out_size, out_size, scale):
+            return None
+        if not (tiles.self_check(level, ds, self._openslide_read)
+                and tiles.scaled_check(level, scale, ds, self._openslide_read)):
+            return None
+        try:
+            return tiles.read_scaled(level, *origin, out_size, out_size, scale)
+        except Exception:  # a tile that does not decode at scale: the full-size path reads it or names the problem
+            return None
 
     def _openslide_read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         import openslide
@@ -236,13 +275,17 @@ def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
 
 
 def open_slide(path: str | Path, csv_mpp: Optional[float] = None, default_mpp: Optional[float] = None,
-               reader: Optional[str] = None) -> Slide:
+               reader: Optional[str] = None, scaled_decode: Optional[bool] = None) -> Slide:
     """Open ``path`` with the right backend and resolve its MPP, or raise SlideError.
 
     ``reader``: ``auto`` reads tiled TIFF/SVS pyramids straight from their tiles where that is
     verified to match OpenSlide (fbta.slides.tiled), ``openslide`` always uses ``read_region``;
     None: ``$FBTA_SLIDE_READER``, else ``auto`` (the switch reaches every stage and worker).
+    ``scaled_decode``: patches 2×/4×/8× below a JPEG level decode in the DCT domain (``read_patch``);
+    None: ``$FBTA_SCALED_DECODE`` (``extract.scaled_decode``), else on.
     """
+    if scaled_decode is None:
+        scaled_decode = scaled_decode_default()
     if reader is None:
         reader = os.environ.get(READER_ENV) or "auto"
     if reader not in READERS:
@@ -257,7 +300,7 @@ def open_slide(path: str | Path, csv_mpp: Optional[float] = None, default_mpp: O
         raise SlideError(f"{path}: unsupported extension '{suffix}'")
     try:
         if suffix in OPENSLIDE_EXTENSIONS and _openslide_format(path) is not None:
-            return OpenSlideSlide(path, csv_mpp, default_mpp, reader)
+            return OpenSlideSlide(path, csv_mpp, default_mpp, reader, scaled_decode)
         if suffix in IMAGE_EXTENSIONS:
             return ImageSlide(path, csv_mpp, default_mpp)
     except MppError as exc:
@@ -275,8 +318,14 @@ def _openslide_format(path: Path) -> Optional[str]:
 
 
 def read_size_for(patch_size: int, want: float, level_ds: float, tolerance: float) -> int:
-    """Pixels to read at a level so that they cover ``patch_size`` target pixels."""
+    """Pixels to read at a level so that they cover ``patch_size`` target pixels.
+
+    Within ``tolerance`` of 1×, 2×, 4× or 8× the read is exactly that multiple, as a pyramid level
+    within tolerance counts as a match: a 40× scan at 0.2527 µm/px read at 0.5 µm/px reads 512 px,
+    not 507, so that its patches can be decoded at 1/2 in the DCT domain (``OpenSlideSlide.read_patch``).
+    """
     ratio = want / level_ds
-    if abs(ratio - 1) <= tolerance:
-        return patch_size
+    for scale in (1, *DCT_SCALES):
+        if abs(ratio / scale - 1) <= tolerance:
+            return patch_size * scale
     return int(math.ceil(patch_size * ratio - 1e-6))

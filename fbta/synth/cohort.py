@@ -59,6 +59,7 @@ def write_aperio_tiff(
     tile: int = 256,
     quality: int = 90,
     magnification: int | None = None,
+    chroma_subsampled: bool = False,
 ) -> None:
     """Pyramidal tiled-JPEG TIFF that OpenSlide opens as vendor 'aperio' with openslide.mpp-x and objective-power.
 
@@ -67,6 +68,8 @@ def write_aperio_tiff(
     OpenSlide falls back to generic-tiff with one level). Tiles are JPEG with
     photometric RGB (RGB-coded, no chroma subsampling, so fine nuclear detail
     survives); TIFF resolution tags repeat the MPP for non-OpenSlide readers.
+    ``chroma_subsampled``: YCbCr-coded with 4:2:0 chroma instead, the
+    layout many scanner-written SVS files have (tests of readers that must handle both).
     """
     import tifffile
 
@@ -84,6 +87,8 @@ def write_aperio_tiff(
         compressionargs={"level": int(quality), "outcolorspace": "RGB"}, metadata=None,
         resolutionunit="CENTIMETER",
     )
+    if chroma_subsampled:
+        jpeg.update(subsampling=(2, 2), compressionargs={"level": int(quality)})  # RGB in, YCbCr stored
 
     def write(tmp: Path) -> None:
         level, prev_ds = rgb, 1

@@ -83,7 +83,19 @@ def main() -> None:
               "frozen_probe": round(probe(None, train, test), 4), "per_slide": args.per_slide, "configs": {}}
     print(f"frozen probe {result['frozen_probe']} ({result['patches']})", flush=True)
     out = ROOT / "reports" / "bench" / f"{args.name}.json"
+    partial = out.with_suffix(".partial.tmp")
+    done = {}
+    for old in (partial, out.with_suffix(".partial.json")):  # a killed sweep resumes: finished configs are kept
+        if old.exists():
+            prev = json.loads(old.read_text())
+            if {k: prev.get(k) for k in ("data", "per_slide", "frozen_probe")} == \
+                    {k: result[k] for k in ("data", "per_slide", "frozen_probe")}:
+                done.update(prev.get("configs", {}))
     for spec in args.configs:
+        if spec in done and done[spec].get("steps") == parse_config(spec, base).steps:
+            result["configs"][spec] = done[spec]
+            print(f"{spec}: done before (probe {done[spec]['probe']}), kept", flush=True)
+            continue
         c = parse_config(spec, base)
         ext, info = train_oracle(c, train, args.seed, (train, test), args.probe_every)
         res = {**c.describe(), **info, "probe": round(probe(ext, train, test), 4)}
@@ -91,8 +103,10 @@ def main() -> None:
         result["configs"][spec] = res
         print(f"{spec}: probe {res['probe']} (frozen {result['frozen_probe']}, gain {res['gain']:+.3f}); "
               f"{info['seconds']} s; curve {info['curve']}", flush=True)
-        out.with_suffix(".partial.tmp").write_text(json.dumps(result, indent=2))
+        partial.write_text(json.dumps(result, indent=2))
         del ext
+    for old in (partial, out.with_suffix(".partial.json")):
+        old.unlink(missing_ok=True)
     record(args.name, result, f"oracle (patch targets) in FBTA's extractor configuration, {args.steps} steps of "
            f"{base.bag}-patch one-slide bags, {cfg.extract.model} {base.input_size} px: held-out patch probe "
            f"frozen {result['frozen_probe']}; " + "; ".join(f"{k} → {v['probe']} ({v['gain']:+.3f})"

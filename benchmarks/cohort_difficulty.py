@@ -37,23 +37,20 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from common import record
+from extractor_controls import tumour_share as mask_share
 
 from fbta.features.augment import Augment
 from fbta.e2e.pseudobags import patch_attrs
 from fbta.features.extract import SlidePatches
 from fbta.features.registry import create_extractor
 from fbta.io.h5 import read_features
-from fbta.seg.dataset import _level0_dims, find_mask, patch_masks, read_mask
 from fbta.slides.cohort import read_labels
 
 
 def tumour_share(masks: Path, slide_id: str, coords: np.ndarray, attrs: dict) -> np.ndarray:
     """Annotated tumour share of each patch (0 where the slide has no mask: a normal slide)."""
-    path = find_mask(masks, slide_id)
-    if path is None:
-        return np.zeros(len(coords), np.float32)
-    size0 = float(attrs.get("patch_size_level0", attrs["patch_size"]))
-    return patch_masks(read_mask(path), coords, size0, _level0_dims(attrs), 32).mean(axis=(1, 2)).astype(np.float32)
+    share = mask_share(masks, slide_id, coords, attrs)
+    return share if share is not None else np.zeros(len(coords), np.float32)
 
 
 def pooled_probe(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -230,7 +230,3 @@ def reextract(ext: Extractor, slides: Sequence[tuple[str, Path, Path, Optional[f
         write_features(folder / f"{sid}.h5", encode(ext, pixels, batch), coords,
                        {**file_attrs, "control": "oracle"}, coords_attrs)
     return folder.parent
-
-
-def with_steps(cfg: ExtractorConfig, steps: int) -> ExtractorConfig:
-    return replace(cfg, steps=int(steps))

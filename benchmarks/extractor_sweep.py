@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], dest="overrides", help="params overrides (fbta.*, extract.*)")
     args = p.parse_args()
     cfg = load_config(ROOT / "params.yaml", [f"data.out={args.data}", *args.overrides])
-    base = replace(ExtractorConfig.of(cfg, args.steps), steps=args.steps)
+    base = ExtractorConfig.of(cfg, args.steps)
     rows = list(csv.DictReader((args.data / "labels.csv").open()))
     classes = sorted({r["label"] for r in rows})
     h5 = args.data / "features" / cfg.extract.model / "h5_files"

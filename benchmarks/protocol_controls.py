@@ -51,11 +51,13 @@ class ProbeSets:
         self.labels = {s: self.classes.index(c) for s, c in labels.items()}
         self._targets: Optional[dict[str, np.ndarray]] = None
         self._sets: dict[str, tuple[PatchSet, PatchSet]] = {}
+        self._paths: dict[str, Path] = {}
         self._lock = threading.Lock()
 
     def slide(self, sid: str) -> tuple[str, Path, Path, None]:
-        path = next(iter(sorted(self.slides.glob(f"{sid}.*"))), self.slides / f"{sid}.svs")
-        return sid, path, self.features / "h5_files" / f"{sid}.h5", None
+        if sid not in self._paths:  # the slide folder is listed once per slide, not once per patch set
+            self._paths[sid] = next(iter(sorted(self.slides.glob(f"{sid}.*"))), self.slides / f"{sid}.svs")
+        return sid, self._paths[sid], self.features / "h5_files" / f"{sid}.h5", None
 
     def targets(self) -> dict[str, np.ndarray]:
         if self._targets is None:

@@ -57,7 +57,11 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", required=True)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--probe-every", type=int, default=500)
-    p.add_argument("--per-slide", type=int, default=24, help="labelled patches per slide (train and test sets)")
+    p.add_argument("--per-slide", type=int, default=24, help="labelled patches per test slide (the probe's test set)")
+    p.add_argument("--train-per-slide", type=int, default=0,
+                   help="labelled patches per training slide the oracle learns from and the probe is fitted on "
+                        "(0: all of them — what FBTA's extractor sees; a few per slide lets 1,500 steps memorise "
+                        "them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="extractor_sweep")
     p.add_argument("--set", nargs="*", default=[], dest="overrides", help="params overrides (fbta.*, extract.*)")
@@ -77,10 +81,11 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     part = {s: [(r["slide_id"], args.data / "slides" / f"{r['slide_id']}.svs", h5 / f"{r['slide_id']}.h5", None)
                 for r in rows if r["split"] == s] for s in ("train", "test")}
-    train = load_patches(part["train"], targets, args.per_slide, rng)
+    train = load_patches(part["train"], targets, args.train_per_slide, rng)
     test = load_patches(part["test"], targets, args.per_slide, rng)
     result = {"data": str(args.data), "classes": classes, "patches": {"train": len(train), "test": len(test)},
-              "frozen_probe": round(probe(None, train, test), 4), "per_slide": args.per_slide, "configs": {}}
+              "frozen_probe": round(probe(None, train, test), 4), "per_slide": args.per_slide,
+              "train_per_slide": args.train_per_slide, "configs": {}}
     print(f"frozen probe {result['frozen_probe']} ({result['patches']})", flush=True)
     out = ROOT / "reports" / "bench" / f"{args.name}.json"
     partial = out.with_suffix(".partial.tmp")
@@ -88,8 +93,8 @@ def main() -> None:
     for old in (partial, out.with_suffix(".partial.json")):  # a killed sweep resumes: finished configs are kept
         if old.exists():
             prev = json.loads(old.read_text())
-            if {k: prev.get(k) for k in ("data", "per_slide", "frozen_probe")} == \
-                    {k: result[k] for k in ("data", "per_slide", "frozen_probe")}:
+            if {k: prev.get(k) for k in ("data", "per_slide", "train_per_slide", "frozen_probe")} == \
+                    {k: result[k] for k in ("data", "per_slide", "train_per_slide", "frozen_probe")}:
                 done.update(prev.get("configs", {}))
     for spec in args.configs:
         if spec in done and done[spec].get("steps") == parse_config(spec, base).steps:

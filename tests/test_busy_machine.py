@@ -52,3 +52,28 @@ def test_make_exports_the_wait_to_serve_test_and_demo() -> None:
 
 def test_the_suite_runs_under_the_same_wait() -> None:
     assert int(os.environ[VAR]) >= 300
+
+
+def test_the_suite_timer_reads_counts_seconds_and_slowest_tests_from_real_pytest_output(tmp_path: Path) -> None:
+    """benchmarks/suite_time.py's record rests on parsing pytest's own summary and ``--durations`` table.
+
+    Defect guarded: a summary regex that misses a count (a failed test reported as a pass) or a durations
+    regex that reads nothing (an empty "slowest" list in the JSON)."""
+    (tmp_path / "test_sample.py").write_text(
+        "import time\n"
+        "def test_slow():\n    time.sleep(0.3)\n"
+        "def test_fails():\n    assert False\n"
+        "def test_skipped():\n    import pytest; pytest.skip('x')\n")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=15",
+                        "test_sample.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from suite_time import parse_pytest
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    parsed = parse_pytest(p.stdout)
+    assert parsed["counts"] == {"failed": 1, "passed": 1, "skipped": 1}, p.stdout[-2000:]
+    assert parsed["pytest_seconds"] >= 0.3
+    slowest = parsed["slowest"][0]
+    assert slowest["test"] == "test_sample.py::test_slow" and slowest["phase"] == "call"
+    assert slowest["seconds"] >= 0.3

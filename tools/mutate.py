@@ -70,7 +70,8 @@ def diff(name: str) -> str:
     return "\n".join(line for line in out.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---"))
 
 
-def summarise(selection: dict[str, list[str]], per_module: int, wall_s: float) -> dict:
+def summarise(selection: dict[str, list[str]], per_module: int, wall_s: float,
+              modules: list[str] = MODULES) -> dict:
     """Scores over every mutant checked so far (earlier runs included); the sample's own coverage beside them.
 
     Two scores: ``score`` counts timeouts as detected (the mutant made the tests overrun their CPU budget,
@@ -79,7 +80,7 @@ def summarise(selection: dict[str, list[str]], per_module: int, wall_s: float) -
     """
     report: dict = {"tool": "mutmut 3.8.1", "per_module": per_module or "all", "wall_s": round(wall_s),
                     "modules": {}}
-    for module in MODULES:
+    for module in modules:
         codes = meta(module).get("exit_code_by_key", {})
         checked = {k: v for k, v in codes.items() if v is not None and v not in (33, 5)}
         killed = sum(v in KILLED for v in checked.values())
@@ -106,22 +107,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="write the JSON from the results so far")
     ap.add_argument("--note", default="", help="how this run was bounded (written into the JSON)")
     ap.add_argument("--retest-survivors", action="store_true", help="run the survivors so far again (new tests)")
+    ap.add_argument("--modules", nargs="+", choices=MODULES, default=MODULES,
+                    help="run these modules only; the others keep their entries from the existing --out JSON")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     ensure_generated()
-    selection = {m: evenly(all_names(m), args.per_module) for m in MODULES}
+    selection = {m: evenly(all_names(m), args.per_module) for m in args.modules}
     if not args.report_only:
-        todo = [n for m in MODULES for n in selection[m] if meta(m)["exit_code_by_key"].get(n) is None]
+        todo = [n for m in args.modules for n in selection[m] if meta(m)["exit_code_by_key"].get(n) is None]
         if args.retest_survivors:
-            todo += [n for m in MODULES for n, v in meta(m)["exit_code_by_key"].items() if v in SURVIVED]
+            todo += [n for m in args.modules for n, v in meta(m)["exit_code_by_key"].items() if v in SURVIVED]
         if todo:
             p = mutmut("run", "--max-children", "2", *todo)
             if p.returncode != 0:
                 print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
                 return p.returncode
-    report = summarise(selection, args.per_module, time.monotonic() - t0)
+    report = summarise(selection, args.per_module, time.monotonic() - t0, args.modules)
     if args.note:
         report["note"] = args.note
+    if set(args.modules) != set(MODULES) and args.out.exists():  # a partial run: the other modules as they were
+        earlier = json.loads(args.out.read_text())
+        for module in MODULES:
+            if module not in args.modules and module in earlier.get("modules", {}):
+                report["modules"][module] = {**earlier["modules"][module],
+                                             "from_earlier_run": earlier.get("note", "") or "an earlier run"}
+        report["modules"] = {m: report["modules"][m] for m in MODULES if m in report["modules"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")

@@ -106,21 +106,24 @@ def main() -> int:
         for h in hogs:
             h.kill()
             h.wait()
-    parsed = parse_pytest(out)
-    counts = parsed["counts"]
-    ok = suite["rc"] == 0 and setup["rc"] == 0
-    record(f"suite_time_{args.label}",
-           {"commit": head, "hogs": args.hogs, "load_note": args.note, "setup_make_venv": setup, "suite": suite, **parsed,
-            "target_seconds_idle": TARGET_S, "passed": ok, "log": str(log) if args.keep else None,
-            "cpu_cores": os.cpu_count()},
-           f"make test on a fresh clone, {args.hogs} CPU hog(s){' + ' + args.note if args.note else ''} beside it "
-           f"(mean 1-min load "
-           f"{suite['loadavg_1min_mean']}, {suite['machine_busy_cores']} busy cores): "
-           f"{'passed' if ok else 'FAILED'} — " + ", ".join(f"{n} {w}" for w, n in counts.items())
-           + f"; suite {suite['seconds'] / 60:.1f} min, set-up {setup['seconds'] / 60:.1f} min; slowest: "
-           + ", ".join(f"{r['test'].split('::')[-1]} {r['seconds']:.0f} s" for r in parsed["slowest"][:3]))
+    ok = report(args, head, setup, suite, parse_pytest(out), log if args.keep else None) == 0
     if args.keep is None and ok:
         shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+def report(args: argparse.Namespace, head: str, setup: dict, suite: dict, parsed: dict, log: Path | None) -> int:
+    """suite_time_<label>.json (+ its BENCHMARKS row); 0 when set-up and suite passed."""
+    ok = suite["rc"] == 0 and setup["rc"] == 0
+    record(f"suite_time_{args.label}",
+           {"commit": head, "hogs": args.hogs, "load_note": args.note, "setup_make_venv": setup, "suite": suite,
+            **parsed, "target_seconds_idle": TARGET_S, "passed": ok, "log": str(log) if log else None,
+            "cpu_cores": os.cpu_count()},
+           f"make test on a fresh clone, {args.hogs} CPU hog(s){' + ' + args.note if args.note else ''} beside it "
+           f"(mean 1-min load {suite['loadavg_1min_mean']}, {suite['machine_busy_cores']} busy cores): "
+           f"{'passed' if ok else 'FAILED'} — " + ", ".join(f"{n} {w}" for w, n in parsed["counts"].items())
+           + f"; suite {suite['seconds'] / 60:.1f} min, set-up {setup['seconds'] / 60:.1f} min; slowest: "
+           + ", ".join(f"{r['test'].split('::')[-1]} {r['seconds']:.0f} s" for r in parsed["slowest"][:3]))
     return 0 if ok else 1
 
 

@@ -68,6 +68,16 @@ def test_the_check_names_a_json_whose_script_is_gone_and_a_duplicate_pair(tmp_pa
     assert any("same benchmark and command" in b for b in bad)
 
 
+def test_a_run_in_progress_does_not_stop_another_benchmark_from_recording_and_is_named_until_it_ends(tmp_path):
+    """Defect guarded: a protocol's resumable state (no provenance yet) in reports/bench made every other
+    benchmark's record() crash while the protocol ran (KeyError in the table), losing that run's JSON."""
+    root = _root_with(tmp_path, {"tile.json": GOOD, "fbta_protocol_x.json": {"settings": {}, "units": {}}})
+    gen.write_all(root)
+    assert "0.19 × reading the patches once" in (root / "BENCHMARKS.md").read_text()
+    assert not (root / "docs" / "results" / "fbta_protocol_x.md").exists()
+    assert any("fbta_protocol_x.json: missing" in b for b in gen.problems(gen.load(root / "reports" / "bench"), root))
+
+
 def test_a_hand_edit_of_benchmarks_md_is_caught_and_a_rerun_restores_it(tmp_path):
     root = _root_with(tmp_path, {"tile.json": GOOD})
     gen.write_all(root)

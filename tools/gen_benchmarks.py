@@ -253,7 +253,9 @@ def page_name(r: Report) -> str:
 
 
 def outputs(root: Path) -> dict[Path, str]:
-    reports = load(root / "reports" / "bench")
+    # a JSON without its provenance is a run still in progress (a protocol's resumable state): no row yet, and
+    # it must not stop another benchmark from recording meanwhile; problems() names it until it is finished
+    reports = [r for r in load(root / "reports" / "bench") if all(k in r.data for k in REQUIRED)]
     files = {root / "BENCHMARKS.md": benchmarks_md(reports), root / "docs" / "results" / "index.md": results_index(reports)}
     files.update({root / "docs" / "results" / page_name(r): result_page(r) for r in reports})
     return files

@@ -141,7 +141,7 @@ def report(steps: dict[str, dict], order: list[str], setup_note: str, head: str,
     after_setup = sum(v["seconds"] for k, v in steps.items() if not k.startswith("setup"))
     failed = [k for k, v in steps.items() if v["rc"] != 0]
     cut = [k.removeprefix("stage_") for k, v in steps.items() if v.get("cut_off")]
-    record("demo_time", {"commit": head, "setup": setup_note, "steps": steps, "stage_order": order,
+    record("demo_time", {"clone_commit": head, "setup": setup_note, "steps": steps, "stage_order": order,
                          "seconds_after_setup": round(after_setup, 1), "target_seconds_after_setup": TARGET_S,
                          "complete": not cut and not failed, "failed_steps": failed, "log": str(log),
                          "cpu_cores": os.cpu_count(), "loadavg_at_end": [round(v, 2) for v in os.getloadavg()]},

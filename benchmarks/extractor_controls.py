@@ -66,7 +66,8 @@ class ExtractorConfig:
 
     def describe(self) -> dict:
         return {"model": self.model, "input_size": self.input_size, "train_blocks": self.train_blocks,
-                "freeze_bn": self.freeze_bn, "lr": self.lr, "bag": self.bag, "steps": self.steps}
+                "freeze_bn": self.freeze_bn, "lr": self.lr, "bag": self.bag, "steps": self.steps,
+                "hed_sigma": self.augment.hed_sigma}
 
 
 @dataclass

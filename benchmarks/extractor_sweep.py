@@ -29,7 +29,7 @@ from fbta.io.h5 import read_features
 
 
 def parse_config(spec: str, base: ExtractorConfig) -> ExtractorConfig:
-    """``blocks=3;bn=eval;lr=1.5e-5;steps=1500;size=224`` over ``base``."""
+    """``blocks=3;bn=eval;lr=1.5e-5;steps=1500;size=224;hed=0.2`` over ``base``."""
     kw = {}
     for part in filter(None, spec.split(";")):
         k, v = part.split("=", 1)
@@ -45,8 +45,10 @@ def parse_config(spec: str, base: ExtractorConfig) -> ExtractorConfig:
             kw["steps"] = int(v)
         elif k == "size":
             kw["input_size"] = int(v)
+        elif k == "hed":  # fbta.augment.hed_sigma: stain jitter against slides told apart by their stain
+            kw["augment"] = replace(kw.get("augment", base.augment), hed_sigma=float(v))
         else:
-            raise SystemExit(f"unknown config key {k!r} in {spec!r} (blocks, bn, lr, steps, size)")
+            raise SystemExit(f"unknown config key {k!r} in {spec!r} (blocks, bn, lr, steps, size, hed)")
     return replace(base, **kw)
 
 
@@ -90,7 +92,8 @@ def main() -> None:
     out = ROOT / "reports" / "bench" / f"{args.name}.json"
     partial = out.with_suffix(".partial.tmp")
     done = {}
-    for old in (partial, out.with_suffix(".partial.json")):  # a killed sweep resumes: finished configs are kept
+    for old in (out, partial, out.with_suffix(".partial.json")):  # a killed or extended sweep resumes: finished
+        # configs (same cohort, patches and frozen probe) are kept
         if old.exists():
             prev = json.loads(old.read_text())
             if {k: prev.get(k) for k in ("data", "per_slide", "train_per_slide", "frozen_probe")} == \

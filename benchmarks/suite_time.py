@@ -116,8 +116,8 @@ def report(args: argparse.Namespace, head: str, setup: dict, suite: dict, parsed
     """suite_time_<label>.json (+ its BENCHMARKS row); 0 when set-up and suite passed."""
     ok = suite["rc"] == 0 and setup["rc"] == 0
     record(f"suite_time_{args.label}",
-           {"commit": head, "hogs": args.hogs, "load_note": args.note, "setup_make_venv": setup, "suite": suite,
-            **parsed, "target_seconds_idle": TARGET_S, "passed": ok, "log": str(log) if log else None,
+           {"clone_commit": head, "hogs": args.hogs, "load_note": args.note, "setup_make_venv": setup,
+            "suite": suite, **parsed, "target_seconds_idle": TARGET_S, "passed": ok, "log": str(log) if log else None,
             "cpu_cores": os.cpu_count()},
            f"make test on a fresh clone, {args.hogs} CPU hog(s){' + ' + args.note if args.note else ''} beside it "
            f"(mean 1-min load {suite['loadavg_1min_mean']}, {suite['machine_busy_cores']} busy cores): "

@@ -35,7 +35,9 @@ KILLED, TIMEOUT, SURVIVED = {1, 3}, {-24, 24, 36, 152, 255}, {0}
 
 def mutmut(*args: str) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "mutmut"
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    # one torch/OpenMP thread: mutmut forks each mutant's run from a warm process, and a forked child of a
+    # process whose OpenMP pool already spun up spins on that pool — a "timeout" the mutant did not cause
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)  # mutmut puts mutants/ first on sys.path; nothing may shadow it
     return subprocess.run([str(exe), *args], cwd=ROOT, env=env, capture_output=True, text=True)
 
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="write the JSON from the results so far")
     ap.add_argument("--note", default="", help="how this run was bounded (written into the JSON)")
     ap.add_argument("--retest-survivors", action="store_true", help="run the survivors so far again (new tests)")
+    ap.add_argument("--retest-timeouts", action="store_true", help="run the timed-out mutants so far again")
     ap.add_argument("--modules", nargs="+", choices=MODULES, default=MODULES,
                     help="run these modules only; the others keep their entries from the existing --out JSON")
     args = ap.parse_args(argv)
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         todo = [n for m in args.modules for n in selection[m] if meta(m)["exit_code_by_key"].get(n) is None]
         if args.retest_survivors:
             todo += [n for m in args.modules for n, v in meta(m)["exit_code_by_key"].items() if v in SURVIVED]
+        if args.retest_timeouts:
+            todo += [n for m in args.modules for n, v in meta(m)["exit_code_by_key"].items() if v in TIMEOUT]
         if todo:
             p = mutmut("run", "--max-children", "2", *todo)
             if p.returncode != 0:

@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         earlier = json.loads(args.out.read_text())
         for module in MODULES:
             if module not in args.modules and module in earlier.get("modules", {}):
-                report["modules"][module] = {**earlier["modules"][module],
-                                             "from_earlier_run": earlier.get("note", "") or "an earlier run"}
+                kept = earlier["modules"][module]
+                report["modules"][module] = {**kept, "from_earlier_run": kept.get("from_earlier_run")
+                                             or earlier.get("note", "") or "an earlier run"}
         report["modules"] = {m: report["modules"][m] for m in MODULES if m in report["modules"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")

@@ -171,3 +171,11 @@ def test_roc_points_are_every_threshold_of_each_present_class_one_vs_rest() -> N
     binary = roc_points(np.array([0, 1, 1, 0]), np.array([[.8, .2], [.3, .7], [.4, .6], [.6, .4]]), ["n", "t"])
     assert {r["class"] for r in binary} == {"t"} and binary[-1] == {"class": "t", "fpr": 1.0, "tpr": 1.0,
                                                                     "threshold": 0.2}
+
+
+def test_auc_with_a_single_negative_is_defined_and_mismatched_probabilities_are_refused() -> None:
+    """Survivors of `make mutate`: one negative slide treated as 'class missing' (NaN), and a probability table
+    of another length than the labels accepted when it is 2-D (or refused without saying what)."""
+    assert binary_auc([1, 1, 0], [0.9, 0.8, 0.1]) == 1.0
+    with pytest.raises(ValueError, match=r"n×C with n=3, got \(2, 2\)"):
+        roc_auc(np.array([0, 1, 1]), np.array([[0.6, 0.4], [0.3, 0.7]]))

@@ -149,3 +149,27 @@ def test_red_ink_starts_strictly_above_r_120_and_the_closing_disk_includes_its_r
     assert _disk(2).astype(int).tolist() == [[0, 0, 1, 0, 0], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0],
                                              [0, 0, 1, 0, 0]]
     assert _disk(0).tolist() == [[True]]
+
+
+def test_background_open_to_any_image_edge_is_never_a_hole_however_small() -> None:
+    """Survivors of `make mutate`: the left edge's column not checked (a 1-px strip of glass along it would be
+    filled as a hole), or edge-touching background treated as holes everywhere (glass around a small piece of
+    tissue filled in)."""
+    m = np.ones((40, 40), bool)
+    m[5:35, 0] = False  # glass touching the left edge only (not the top or bottom row)
+    assert not fill_holes(m, max_hole_px=10_000)[5:35, 0].any()
+    piece = np.zeros((40, 40), bool)
+    piece[10:30, 10:30] = True
+    assert (fill_holes(piece, max_hole_px=10_000) == piece).all()
+
+
+def test_dark_debris_stays_excluded_when_pen_ink_is_removed_too() -> None:
+    """Defect guarded (a `make mutate` survivor): the pen-ink exclusion assigned instead of added, so dark,
+    saturated debris (every channel below black_value) came back as tissue whenever the slide had ink."""
+    box = (60, 40, 200, 160)
+    img = pink_on_white(300, 200, box)
+    img[60:140, 20:50] = (38, 4, 20)  # dark red debris on glass: saturated, every channel < 40
+    img[30:170, 240:255] = (20, 150, 60)  # green ink elsewhere
+    mask = tissue_mask(img, MPP, CFG)
+    assert not mask[60:140, 20:50].any() and not mask[:, 235:260].any()
+    assert iou(mask, truth((200, 300), box)) > 0.9

@@ -96,8 +96,7 @@ def main() -> None:
         # configs (same cohort, patches and frozen probe) are kept
         if old.exists():
             prev = json.loads(old.read_text())
-            if {k: prev.get(k) for k in ("data", "per_slide", "train_per_slide", "frozen_probe")} == \
-                    {k: result[k] for k in ("data", "per_slide", "train_per_slide", "frozen_probe")}:
+            if all(prev.get(k) == result[k] for k in ("data", "per_slide", "train_per_slide", "frozen_probe")):
                 done.update(prev.get("configs", {}))
     for spec in args.configs:
         if spec in done and done[spec].get("steps") == parse_config(spec, base).steps:

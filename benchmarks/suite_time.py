@@ -106,14 +106,14 @@ def main() -> int:
         for h in hogs:
             h.kill()
             h.wait()
-    ok = report(args, head, setup, suite, parse_pytest(out), log if args.keep else None) == 0
+    ok = report(args, head, setup, suite, parse_pytest(out), log if args.keep else None)
     if args.keep is None and ok:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1
 
 
-def report(args: argparse.Namespace, head: str, setup: dict, suite: dict, parsed: dict, log: Path | None) -> int:
-    """suite_time_<label>.json (+ its BENCHMARKS row); 0 when set-up and suite passed."""
+def report(args: argparse.Namespace, head: str, setup: dict, suite: dict, parsed: dict, log: Path | None) -> bool:
+    """suite_time_<label>.json (+ its BENCHMARKS row); whether set-up and suite passed."""
     ok = suite["rc"] == 0 and setup["rc"] == 0
     record(f"suite_time_{args.label}",
            {"clone_commit": head, "hogs": args.hogs, "load_note": args.note, "setup_make_venv": setup,
@@ -124,7 +124,7 @@ def report(args: argparse.Namespace, head: str, setup: dict, suite: dict, parsed
            f"{'passed' if ok else 'FAILED'} — " + ", ".join(f"{n} {w}" for w, n in parsed["counts"].items())
            + f"; suite {suite['seconds'] / 60:.1f} min, set-up {setup['seconds'] / 60:.1f} min; slowest: "
            + ", ".join(f"{r['test'].split('::')[-1]} {r['seconds']:.0f} s" for r in parsed["slowest"][:3]))
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":

@@ -117,11 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ensure_generated()
     selection = {m: evenly(all_names(m), args.per_module) for m in args.modules}
     if not args.report_only:
-        todo = [n for m in args.modules for n in selection[m] if meta(m)["exit_code_by_key"].get(n) is None]
-        if args.retest_survivors:
-            todo += [n for m in args.modules for n, v in meta(m)["exit_code_by_key"].items() if v in SURVIVED]
-        if args.retest_timeouts:
-            todo += [n for m in args.modules for n, v in meta(m)["exit_code_by_key"].items() if v in TIMEOUT]
+        again = (SURVIVED if args.retest_survivors else set()) | (TIMEOUT if args.retest_timeouts else set())
+        todo = [n for m in args.modules for n, v in meta(m)["exit_code_by_key"].items()
+                if (v is None and n in selection[m]) or v in again]
         if todo:
             p = mutmut("run", "--max-children", "2", *todo)
             if p.returncode != 0:

@@ -9,6 +9,12 @@
 - **Probe**: standardised logistic regression on one representation of those
   patches, fitted on the training slides' patches, scored (AUC) on the test
   slides' — the held-out tumour-patch probe of an extractor.
+- **Held-out-only probe**: the same regression fitted *and* scored on the test
+  slides alone, by slide-grouped cross-validation. An extractor trained on the
+  training slides can make *them* separable along directions that do not
+  carry over (their own idiosyncrasies); the first probe, fitted on those
+  slides, inherits that, this one does not: it asks only whether slides the
+  extractor never saw are linearly separable in its space.
 - **Oracle**: FBTA's extractor *configuration* (same backbone, input size,
   trainable units, BatchNorm mode, learning rate, weight decay, augmentation,
   bag size C·M and number of steps) trained on those patch targets with a
@@ -28,6 +34,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.preprocessing import StandardScaler
 
 from fbta.e2e.pseudobags import patch_attrs
@@ -158,6 +165,30 @@ def probe(ext: Optional[Extractor], train: PatchSet, test: PatchSet) -> float:
     return probe_auc((encode(ext, train.pixels), train.y), (encode(ext, test.pixels), test.y))
 
 
+def probe_auc_within(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 4, seed: int = 0) -> float:
+    """Mean AUC of the same probe over slide-grouped, class-stratified folds of one patch set (no slide on both
+    sides). Fewer folds when a class has fewer slides; ValueError when a class has fewer than two."""
+    per_class = [len(set(groups[y == c].tolist())) for c in sorted(set(y.tolist()))]
+    if len(per_class) < 2 or min(per_class) < 2:
+        raise ValueError(f"held-out-only probe: needs two slides of each class, has {per_class} (slides per class)")
+    splitter = StratifiedGroupKFold(n_splits=min(folds, min(per_class)), shuffle=True, random_state=seed)
+    aucs = [probe_auc((x[fit], y[fit]), (x[score], y[score])) for fit, score in splitter.split(x, y, groups)
+            if len(set(y[fit].tolist())) > 1 and len(set(y[score].tolist())) > 1]
+    if not aucs:
+        raise ValueError(f"held-out-only probe: no fold of {len(set(groups.tolist()))} slides has both classes")
+    return float(np.mean(aucs))
+
+
+def probe_heldout(ext: Optional[Extractor], test: PatchSet, folds: int = 4) -> Optional[float]:
+    """The held-out-only probe of ``ext`` (None: the frozen features): fitted and scored on ``test``'s slides
+    alone, rounded; None when the test slides are too few to split (fewer than two slides of a class)."""
+    try:
+        x = test.frozen if ext is None else encode(ext, test.pixels)
+        return round(probe_auc_within(x, test.y, test.slide, folds), 4)
+    except ValueError:
+        return None
+
+
 def trainable_extractor(cfg: ExtractorConfig) -> tuple[Extractor, list[str]]:
     ext = create_extractor(cfg.model, weights=cfg.weights, trainable=True, input_size=cfg.input_size)
     return ext, prepare_tfe(ext, True, cfg.train_blocks, cfg.freeze_bn)
@@ -209,7 +240,8 @@ def train_oracle(cfg: ExtractorConfig, train: PatchSet, seed: int,
         opt.step()
         losses.append(float(loss.detach()))
         if probe_sets is not None and probe_every and (step + 1) % probe_every == 0 and step + 1 < cfg.steps:
-            curve.append({"step": step + 1, "probe": round(probe(ext, *probe_sets), 4)})
+            curve.append({"step": step + 1, "probe": round(probe(ext, *probe_sets), 4),
+                          "probe_heldout": probe_heldout(ext, probe_sets[1])})
     ext.eval()
     info = {"units": units, "trainable_params": int(sum(p.numel() for p in params)), "steps": cfg.steps,
             "seconds": round(time.perf_counter() - t0, 1), "loss_first50": round(float(np.mean(losses[:50])), 4),

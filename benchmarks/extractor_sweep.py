@@ -4,8 +4,11 @@ For each configuration (trainable units, extractor lr, BatchNorm mode, steps), t
 oracle of benchmarks/extractor_controls.py trains FBTA's extractor on patch targets
 from the masks — bags of C·M patches of one slide, FBTA's augmentation — and the
 held-out patch probe is read every ``--probe-every`` steps and at the end, next to
-the frozen features' probe. A configuration in which even the oracle leaves the
-probe where the frozen features have it cannot show FBTA's gain, whatever the labels.
+the frozen features' probe, both fitted on the training slides' patches and
+held-out-only (fitted and scored on the test slides by slide-grouped CV: blind to
+what the oracle memorised of its training slides). A configuration in which even the
+oracle leaves both probes where the frozen features have them cannot show FBTA's
+gain, whatever the labels.
 
     python benchmarks/extractor_sweep.py --data /tmp/sub02 --steps 1500 \\
         --configs 'blocks=3;bn=eval;lr=1.5e-5' 'blocks=-1;bn=train;lr=5e-5'
@@ -21,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, record
-from extractor_controls import ExtractorConfig, load_patches, patch_targets, probe, train_oracle, tumour_share
+from extractor_controls import (ExtractorConfig, load_patches, patch_targets, probe, probe_heldout, train_oracle,
+                                tumour_share)
 
 from fbta.config import load_config
 from fbta.e2e.pseudobags import patch_attrs
@@ -86,9 +90,11 @@ def main() -> None:
     train = load_patches(part["train"], targets, args.train_per_slide, rng)
     test = load_patches(part["test"], targets, args.per_slide, rng)
     result = {"data": str(args.data), "classes": classes, "patches": {"train": len(train), "test": len(test)},
-              "frozen_probe": round(probe(None, train, test), 4), "per_slide": args.per_slide,
+              "frozen_probe": round(probe(None, train, test), 4),
+              "frozen_probe_heldout": probe_heldout(None, test), "per_slide": args.per_slide,
               "train_per_slide": args.train_per_slide, "configs": {}}
-    print(f"frozen probe {result['frozen_probe']} ({result['patches']})", flush=True)
+    print(f"frozen probe {result['frozen_probe']}, held-out-only {result['frozen_probe_heldout']} "
+          f"({result['patches']})", flush=True)
     out = ROOT / "reports" / "bench" / f"{args.name}.json"
     partial = out.with_suffix(".partial.tmp")
     done = {}
@@ -107,8 +113,12 @@ def main() -> None:
         ext, info = train_oracle(c, train, args.seed, (train, test), args.probe_every)
         res = {**c.describe(), **info, "probe": round(probe(ext, train, test), 4)}
         res["gain"] = round(res["probe"] - result["frozen_probe"], 4)
+        res["probe_heldout"] = probe_heldout(ext, test)
+        res["gain_heldout"] = (None if res["probe_heldout"] is None or result["frozen_probe_heldout"] is None
+                               else round(res["probe_heldout"] - result["frozen_probe_heldout"], 4))
         result["configs"][spec] = res
-        print(f"{spec}: probe {res['probe']} (frozen {result['frozen_probe']}, gain {res['gain']:+.3f}); "
+        print(f"{spec}: probe {res['probe']} (frozen {result['frozen_probe']}, gain {res['gain']:+.3f}), held-out-only "
+              f"{res['probe_heldout']} (gain {res['gain_heldout']}); "
               f"{info['seconds']} s; curve {info['curve']}", flush=True)
         partial.write_text(json.dumps(result, indent=2))
         del ext
@@ -116,8 +126,9 @@ def main() -> None:
         old.unlink(missing_ok=True)
     record(args.name, result, f"oracle (patch targets) in FBTA's extractor configuration, {args.steps} steps of "
            f"{base.bag}-patch one-slide bags, {cfg.extract.model} {base.input_size} px: held-out patch probe "
-           f"frozen {result['frozen_probe']}; " + "; ".join(f"{k} → {v['probe']} ({v['gain']:+.3f})"
-                                                           for k, v in result["configs"].items()))
+           f"frozen {result['frozen_probe']} (held-out-only {result['frozen_probe_heldout']}); "
+           + "; ".join(f"{k} → {v['probe']} ({v['gain']:+.3f}; held-out-only {v.get('probe_heldout', '–')})"
+                       for k, v in result["configs"].items()))
 
 
 if __name__ == "__main__":

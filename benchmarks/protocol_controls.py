@@ -16,7 +16,9 @@
   patches, scored on the test slides'. Reported for the frozen features and,
   per unit, for the extractor the arm **selected** (``extractor.pt``) and the
   one it had after its **last** epoch (``extractor_last.pt``), with the number
-  of extractor steps each received.
+  of extractor steps each received. Each also ``*_heldout``: the same probe
+  fitted and scored on the test slides alone (slide-grouped CV), blind to what
+  an extractor memorised of the training slides it was trained on.
 - **Recovered share** = mean(FBTA − vanilla) / mean(e2e − vanilla) over the
   matched units, with a bootstrap interval (resampling units).
 """
@@ -30,8 +32,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from extractor_controls import (ExtractorConfig, PatchSet, load_patches, patch_targets, probe, reextract,
-                                train_oracle, tumour_share)
+from extractor_controls import (ExtractorConfig, PatchSet, load_patches, patch_targets, probe, probe_heldout,
+                                reextract, train_oracle, tumour_share)
 
 from fbta.config import load_config
 from fbta.e2e.pseudobags import patch_attrs
@@ -93,10 +95,18 @@ def extractor_probes(folder: Path, sets: tuple[PatchSet, PatchSet]) -> dict[str,
     """Probe AUC of the selected and the last TFE* of a model folder, with their step counts."""
     meta = json.loads((folder / "meta.json").read_text())
     out: dict[str, Any] = {"steps_selected": meta.get("extractor_steps_at_best"), "steps_last": meta.get("extractor_steps")}
-    out["selected"] = round(probe(load_ema_extractor(folder, meta, torch.device("cpu")), *sets), 4)
-    if (folder / "extractor_last.pt").exists():
-        out["last"] = round(probe(load_ema_extractor(folder, meta, torch.device("cpu"), last=True), *sets), 4)
+    for key, last in (("selected", False), ("last", True)):
+        if last and not (folder / "extractor_last.pt").exists():
+            continue
+        ext = load_ema_extractor(folder, meta, torch.device("cpu"), last=last)
+        out[key] = round(probe(ext, *sets), 4)
+        out[f"{key}_heldout"] = probe_heldout(ext, sets[1])
     return out
+
+
+def frozen_probes(sets: tuple[PatchSet, PatchSet]) -> dict[str, Optional[float]]:
+    """Both probes of the cached frozen features: the yardstick every extractor's probes are read against."""
+    return {"frozen": round(probe(None, *sets), 4), "frozen_heldout": probe_heldout(None, sets[1])}
 
 
 def run_oracle(params: Path, overrides: Sequence[str], part: Mapping[str, str], split: str, seed: int,
@@ -111,9 +121,11 @@ def run_oracle(params: Path, overrides: Sequence[str], part: Mapping[str, str], 
     sets = probes.of(split, part)
     result: dict[str, Any] = {"oracle": {**xcfg.describe(), **{k: v for k, v in info.items() if k != "curve"},
                                          "train_patches": len(train)},
-                              "probe": {"frozen": round(probe(None, *sets), 4)}}
+                              "probe": frozen_probes(sets)}
     p_final = round(probe(ext, *sets), 4)  # the oracle selects no epoch: its final extractor is both
-    result["probe"].update(selected=p_final, last=p_final, steps_selected=xcfg.steps, steps_last=xcfg.steps)
+    h_final = probe_heldout(ext, sets[1])
+    result["probe"].update(selected=p_final, last=p_final, selected_heldout=h_final, last_heldout=h_final,
+                           steps_selected=xcfg.steps, steps_last=xcfg.steps)
     folder = reextract(ext, [probes.slide(s) for s in sorted(part)], out / "oracle_features")
     result.update(train_head(folder))
     return result

@@ -255,13 +255,19 @@ def markdown(summary: Mapping[str, Mapping[str, Any]], paired: Sequence[Mapping[
                   f"{c['fbta_seconds_per_step']} | {c['projected_ratio']}× at N = {c['projected_n']:,} |" for c in costs]
     probe_arms = {a: r["probe"] for a, r in summary.items() if r.get("probe")}
     if probe_arms:
+        heldout = any("frozen_heldout" in d for d in probe_arms.values())
         lines += ["", "Held-out patch probe AUC (frozen features; the arm's selected and last extractor) and the "
-                  "extractor steps received (selected / last):", "",
-                  "| arm | frozen | selected | last | steps selected | steps last |", "|---|---|---|---|---|---|"]
+                  "extractor steps received (selected / last)"
+                  + ("; held-out-only: fitted and scored on the test slides alone (slide-grouped CV)" if heldout else "")
+                  + ":", "",
+                  "| arm | frozen | selected | last | steps selected | steps last |"
+                  + (" held-out-only: frozen | selected | last |" if heldout else ""),
+                  "|---|---|---|---|---|---|" + ("---|---|---|" if heldout else "")]
         for a, d in probe_arms.items():
             c = lambda k, digits=3: _cell(d[k], digits) if k in d else ""  # noqa: E731
             lines.append(f"| {a} | {c('frozen')} | {c('selected')} | {c('last')} | {c('steps_selected', 0)} | "
-                         f"{c('steps_last', 0)} |")
+                         f"{c('steps_last', 0)} |"
+                         + (f" {c('frozen_heldout')} | {c('selected_heldout')} | {c('last_heldout')} |" if heldout else ""))
     diag_arms = {a: r["diagnostics"] for a, r in summary.items() if r.get("diagnostics")}
     if diag_arms:
         cols = sorted({k for d in diag_arms.values() for k in d})

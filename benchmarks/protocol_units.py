@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from common import ROOT
-from extractor_controls import probe
-from protocol_controls import ProbeSets, extractor_probes, run_oracle
+from protocol_controls import ProbeSets, extractor_probes, frozen_probes, run_oracle
 from protocol_design import Arm
 from protocol_stats import epoch_seconds, history_diagnostics
 
@@ -91,7 +90,7 @@ def run_unit(ctx: Context, arm: Arm, split: str, seed: int, labels_csv: Path,
         if ctx.probes is not None and part is not None and arm.method in ("fbta", "e2e"):
             torch_threads(ctx.threads)
             sets = ctx.probes.of(split, part)
-            unit["probe"] = {"frozen": round(probe(None, *sets), 4), **extractor_probes(folder, sets)}
+            unit["probe"] = {**frozen_probes(sets), **extractor_probes(folder, sets)}
         if not ctx.keep_models:
             for p in folder.glob("*.pt"):
                 p.unlink()

@@ -276,9 +276,10 @@ def test_one_vanilla_unit_end_to_end_through_the_cli_and_a_resumed_protocol_skip
 
 
 @pytest.mark.slow
-def test_vanilla_and_fbta_units_on_a_real_tiny_cohort_pair_up(tmp_path: Path) -> None:
-    """synth → tile → extract → cluster (8 small slides, timm's tiny test_efficientnet), then the protocol with
-    abmil:vanilla and abmil:fbta on fold 0 of a 3-fold CV, 2 epochs each, FBTA also re-extracted."""
+def test_vanilla_fbta_and_the_controls_on_a_real_tiny_cohort_pair_up(tmp_path: Path) -> None:
+    """synth → tile → extract → cluster (12 small slides, timm's tiny test_efficientnet), then the protocol with
+    abmil:vanilla, abmil:fbta and the controls (abmil:e2e, abmil:oracle) on fold 0 of a 3-fold CV (4 test
+    slides), 2 epochs each, FBTA also re-extracted, every extractor probed."""
     from fbta.cli import main
 
     tiny = ["extract.model=test_efficientnet", "extract.weights=random", "extract.num_workers=0",
@@ -288,7 +289,7 @@ def test_vanilla_and_fbta_units_on_a_real_tiny_cohort_pair_up(tmp_path: Path) ->
     ov = [f"data.slides={d}/slides", f"data.labels={d}/labels.csv", f"data.masks={d}/masks", f"data.out={d}",
           "run.progress=false", "tracking.enabled=false", *tiny]
     params = ["--params", str(ROOT / "params.yaml")]
-    assert main(["synth", *ov, "synth.n_slides=8", "synth.width=1280", "synth.height=1280", *params]) == 0
+    assert main(["synth", *ov, "synth.n_slides=12", "synth.width=1280", "synth.height=1280", *params]) == 0
     for stage in ("tile", "extract", "cluster"):
         assert main([stage, *ov, *params]) == 0
     results = tmp_path / "protocol.json"
@@ -296,8 +297,8 @@ def test_vanilla_and_fbta_units_on_a_real_tiny_cohort_pair_up(tmp_path: Path) ->
               *(["train.min_epochs=0"] if _has_key("train.min_epochs") else [])]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "fbta_protocol.py"), "--protocol", "kfold", "--folds", "3",
            "--data", str(d), "--out", str(tmp_path / "runs"), "--results", str(results), "--reextract",
-           "--arms", "abmil:vanilla", "abmil:fbta", "--seeds", "0", "--splits", "fold0", "--boot", "200",
-           "--set", *common]
+           "--arms", "abmil:vanilla", "abmil:fbta", "abmil:e2e", "abmil:oracle", "--seeds", "0", "--splits", "fold0",
+           "--boot", "200", "--probe-patches", "4", "--set", *common]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(results.read_text())
@@ -306,6 +307,11 @@ def test_vanilla_and_fbta_units_on_a_real_tiny_cohort_pair_up(tmp_path: Path) ->
     assert {"l_dist", "l_cons"} <= set(f["diagnostics"])
     v = res["units"]["abmil:vanilla|fold0|seed0"]
     assert v["test"]["vanilla"]["n"] == f["test"]["fbta"]["n"]  # the same test slides
-    pair = next(p for p in res["paired"] if p["b"] == "abmil:vanilla")
-    assert pair["a"] == "abmil:fbta" and pair["auc"]["n"] == 1
+    pair = next(p for p in res["paired"] if p["b"] == "abmil:vanilla" and p["a"] == "abmil:fbta")
+    assert pair["auc"]["n"] == 1
+    for arm in ("abmil:fbta", "abmil:e2e", "abmil:oracle"):  # each extractor probed both ways, beside the frozen one
+        pr = res["units"][f"{arm}|fold0|seed0"]["probe"]
+        assert {"frozen", "selected", "frozen_heldout", "selected_heldout", "steps_selected"} <= set(pr), (arm, pr)
+        assert 0.0 <= pr["selected"] <= 1.0 and pr["steps_selected"] > 0
+    assert "held-out-only" in res["table_md"]
     print(res["table_md"])

@@ -158,13 +158,6 @@ def probe_auc(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.n
     return float(roc_auc_score(test[1], scores, multi_class="ovr"))
 
 
-def probe(ext: Optional[Extractor], train: PatchSet, test: PatchSet) -> float:
-    """The held-out patch probe of ``ext`` (None: the cached frozen features)."""
-    if ext is None:
-        return probe_auc((train.frozen, train.y), (test.frozen, test.y))
-    return probe_auc((encode(ext, train.pixels), train.y), (encode(ext, test.pixels), test.y))
-
-
 def probe_auc_within(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 4, seed: int = 0) -> float:
     """Mean AUC of the same probe over slide-grouped, class-stratified folds of one patch set (no slide on both
     sides). Fewer folds when a class has fewer slides; ValueError when a class has fewer than two."""
@@ -179,14 +172,17 @@ def probe_auc_within(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: in
     return float(np.mean(aucs))
 
 
-def probe_heldout(ext: Optional[Extractor], test: PatchSet, folds: int = 4) -> Optional[float]:
-    """The held-out-only probe of ``ext`` (None: the frozen features): fitted and scored on ``test``'s slides
-    alone, rounded; None when the test slides are too few to split (fewer than two slides of a class)."""
+def patch_probes(ext: Optional[Extractor], train: PatchSet, test: PatchSet) -> tuple[float, Optional[float]]:
+    """Both probes of ``ext`` (None: the cached frozen features), each patch set encoded once: the held-out probe
+    (fitted on ``train``, scored on ``test``) and the held-out-only one (None when the test slides are too few to
+    split: fewer than two slides of a class), rounded to 4 digits."""
+    x_test = test.frozen if ext is None else encode(ext, test.pixels)
+    x_train = train.frozen if ext is None else encode(ext, train.pixels)
+    fitted = round(probe_auc((x_train, train.y), (x_test, test.y)), 4)
     try:
-        x = test.frozen if ext is None else encode(ext, test.pixels)
-        return round(probe_auc_within(x, test.y, test.slide, folds), 4)
+        return fitted, round(probe_auc_within(x_test, test.y, test.slide), 4)
     except ValueError:
-        return None
+        return fitted, None
 
 
 def trainable_extractor(cfg: ExtractorConfig) -> tuple[Extractor, list[str]]:
@@ -240,8 +236,8 @@ def train_oracle(cfg: ExtractorConfig, train: PatchSet, seed: int,
         opt.step()
         losses.append(float(loss.detach()))
         if probe_sets is not None and probe_every and (step + 1) % probe_every == 0 and step + 1 < cfg.steps:
-            curve.append({"step": step + 1, "probe": round(probe(ext, *probe_sets), 4),
-                          "probe_heldout": probe_heldout(ext, probe_sets[1])})
+            fitted, heldout = patch_probes(ext, *probe_sets)
+            curve.append({"step": step + 1, "probe": fitted, "probe_heldout": heldout})
     ext.eval()
     info = {"units": units, "trainable_params": int(sum(p.numel() for p in params)), "steps": cfg.steps,
             "seconds": round(time.perf_counter() - t0, 1), "loss_first50": round(float(np.mean(losses[:50])), 4),

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, record
-from extractor_controls import (ExtractorConfig, load_patches, patch_targets, probe, probe_heldout, train_oracle,
-                                tumour_share)
+from extractor_controls import ExtractorConfig, load_patches, patch_targets, patch_probes, train_oracle, tumour_share
 
 from fbta.config import load_config
 from fbta.e2e.pseudobags import patch_attrs
@@ -89,9 +88,9 @@ def main() -> None:
                 for r in rows if r["split"] == s] for s in ("train", "test")}
     train = load_patches(part["train"], targets, args.train_per_slide, rng)
     test = load_patches(part["test"], targets, args.per_slide, rng)
+    frozen, frozen_heldout = patch_probes(None, train, test)
     result = {"data": str(args.data), "classes": classes, "patches": {"train": len(train), "test": len(test)},
-              "frozen_probe": round(probe(None, train, test), 4),
-              "frozen_probe_heldout": probe_heldout(None, test), "per_slide": args.per_slide,
+              "frozen_probe": frozen, "frozen_probe_heldout": frozen_heldout, "per_slide": args.per_slide,
               "train_per_slide": args.train_per_slide, "configs": {}}
     print(f"frozen probe {result['frozen_probe']}, held-out-only {result['frozen_probe_heldout']} "
           f"({result['patches']})", flush=True)
@@ -111,9 +110,9 @@ def main() -> None:
             continue
         c = parse_config(spec, base)
         ext, info = train_oracle(c, train, args.seed, (train, test), args.probe_every)
-        res = {**c.describe(), **info, "probe": round(probe(ext, train, test), 4)}
+        fitted, heldout = patch_probes(ext, train, test)
+        res = {**c.describe(), **info, "probe": fitted, "probe_heldout": heldout}
         res["gain"] = round(res["probe"] - result["frozen_probe"], 4)
-        res["probe_heldout"] = probe_heldout(ext, test)
         res["gain_heldout"] = (None if res["probe_heldout"] is None or result["frozen_probe_heldout"] is None
                                else round(res["probe_heldout"] - result["frozen_probe_heldout"], 4))
         result["configs"][spec] = res

@@ -32,8 +32,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from extractor_controls import (ExtractorConfig, PatchSet, load_patches, patch_targets, probe, probe_heldout,
-                                reextract, train_oracle, tumour_share)
+from extractor_controls import (ExtractorConfig, PatchSet, load_patches, patch_targets, patch_probes, reextract,
+                                train_oracle, tumour_share)
 
 from fbta.config import load_config
 from fbta.e2e.pseudobags import patch_attrs
@@ -99,14 +99,14 @@ def extractor_probes(folder: Path, sets: tuple[PatchSet, PatchSet]) -> dict[str,
         if last and not (folder / "extractor_last.pt").exists():
             continue
         ext = load_ema_extractor(folder, meta, torch.device("cpu"), last=last)
-        out[key] = round(probe(ext, *sets), 4)
-        out[f"{key}_heldout"] = probe_heldout(ext, sets[1])
+        out[key], out[f"{key}_heldout"] = patch_probes(ext, *sets)
     return out
 
 
 def frozen_probes(sets: tuple[PatchSet, PatchSet]) -> dict[str, Optional[float]]:
     """Both probes of the cached frozen features: the yardstick every extractor's probes are read against."""
-    return {"frozen": round(probe(None, *sets), 4), "frozen_heldout": probe_heldout(None, sets[1])}
+    fitted, heldout = patch_probes(None, *sets)
+    return {"frozen": fitted, "frozen_heldout": heldout}
 
 
 def run_oracle(params: Path, overrides: Sequence[str], part: Mapping[str, str], split: str, seed: int,
@@ -122,8 +122,7 @@ def run_oracle(params: Path, overrides: Sequence[str], part: Mapping[str, str], 
     result: dict[str, Any] = {"oracle": {**xcfg.describe(), **{k: v for k, v in info.items() if k != "curve"},
                                          "train_patches": len(train)},
                               "probe": frozen_probes(sets)}
-    p_final = round(probe(ext, *sets), 4)  # the oracle selects no epoch: its final extractor is both
-    h_final = probe_heldout(ext, sets[1])
+    p_final, h_final = patch_probes(ext, *sets)  # the oracle selects no epoch: its final extractor is both
     result["probe"].update(selected=p_final, last=p_final, selected_heldout=h_final, last_heldout=h_final,
                            steps_selected=xcfg.steps, steps_last=xcfg.steps)
     folder = reextract(ext, [probes.slide(s) for s in sorted(part)], out / "oracle_features")

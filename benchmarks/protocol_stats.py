@@ -256,18 +256,17 @@ def markdown(summary: Mapping[str, Mapping[str, Any]], paired: Sequence[Mapping[
     probe_arms = {a: r["probe"] for a, r in summary.items() if r.get("probe")}
     if probe_arms:
         heldout = any("frozen_heldout" in d for d in probe_arms.values())
+        cols = [("frozen", "frozen", 3), ("selected", "selected", 3), ("last", "last", 3),
+                ("steps_selected", "steps selected", 0), ("steps_last", "steps last", 0)]
+        if heldout:
+            cols += [("frozen_heldout", "held-out-only: frozen", 3), ("selected_heldout", "selected", 3),
+                     ("last_heldout", "last", 3)]
         lines += ["", "Held-out patch probe AUC (frozen features; the arm's selected and last extractor) and the "
                   "extractor steps received (selected / last)"
                   + ("; held-out-only: fitted and scored on the test slides alone (slide-grouped CV)" if heldout else "")
-                  + ":", "",
-                  "| arm | frozen | selected | last | steps selected | steps last |"
-                  + (" held-out-only: frozen | selected | last |" if heldout else ""),
-                  "|---|---|---|---|---|---|" + ("---|---|---|" if heldout else "")]
+                  + ":", "", "| arm | " + " | ".join(label for _, label, _ in cols) + " |", "|---|" + "---|" * len(cols)]
         for a, d in probe_arms.items():
-            c = lambda k, digits=3: _cell(d[k], digits) if k in d else ""  # noqa: E731
-            lines.append(f"| {a} | {c('frozen')} | {c('selected')} | {c('last')} | {c('steps_selected', 0)} | "
-                         f"{c('steps_last', 0)} |"
-                         + (f" {c('frozen_heldout')} | {c('selected_heldout')} | {c('last_heldout')} |" if heldout else ""))
+            lines.append(f"| {a} | " + " | ".join(_cell(d[k], digits) if k in d else "" for k, _, digits in cols) + " |")
     diag_arms = {a: r["diagnostics"] for a, r in summary.items() if r.get("diagnostics")}
     if diag_arms:
         cols = sorted({k for d in diag_arms.values() for k in d})

@@ -185,6 +185,17 @@ def patch_probes(ext: Optional[Extractor], train: PatchSet, test: PatchSet) -> t
         return fitted, None
 
 
+def frozen_patch_probes(model: str, weights: Optional[str], cached_sizes: set[int], size: int, train: PatchSet,
+                        test: PatchSet) -> tuple[float, Optional[float]]:
+    """The frozen features' probes at ``size`` px: the cached features when every slide's were extracted at that
+    size, else the frozen extractor run at it — an oracle trained at 224 px is compared with frozen 224-px
+    features, never with a cohort's cached 112-px ones."""
+    if cached_sizes == {size}:
+        return patch_probes(None, train, test)
+    print(f"cached features are at {sorted(cached_sizes)} px: encoding the frozen probe at {size} px", flush=True)
+    return patch_probes(create_extractor(model, weights=weights, trainable=False, input_size=size), train, test)
+
+
 def trainable_extractor(cfg: ExtractorConfig) -> tuple[Extractor, list[str]]:
     ext = create_extractor(cfg.model, weights=cfg.weights, trainable=True, input_size=cfg.input_size)
     return ext, prepare_tfe(ext, True, cfg.train_blocks, cfg.freeze_bn)

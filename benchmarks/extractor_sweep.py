@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, record
-from extractor_controls import ExtractorConfig, load_patches, patch_targets, patch_probes, train_oracle, tumour_share
+from extractor_controls import (ExtractorConfig, frozen_patch_probes, load_patches, patch_probes, patch_targets,
+                                train_oracle, tumour_share)
 
 from fbta.config import load_config
 from fbta.e2e.pseudobags import patch_attrs
@@ -76,9 +77,10 @@ def main() -> None:
     rows = list(csv.DictReader((args.data / "labels.csv").open()))
     classes = sorted({r["label"] for r in rows})
     h5 = args.data / "features" / cfg.extract.model / "h5_files"
-    shares, n = {}, {}
+    shares, n, cached_sizes = {}, {}, set()
     for r in rows:
         feats, coords, attrs = read_features(h5 / f"{r['slide_id']}.h5")
+        cached_sizes.add(int(attrs.get("input_size", 0)))
         shares[r["slide_id"]] = tumour_share(args.data / "masks", r["slide_id"], coords,
                                              patch_attrs(h5 / f"{r['slide_id']}.h5", attrs))
         n[r["slide_id"]] = len(coords)
@@ -88,8 +90,17 @@ def main() -> None:
                 for r in rows if r["split"] == s] for s in ("train", "test")}
     train = load_patches(part["train"], targets, args.train_per_slide, rng)
     test = load_patches(part["test"], targets, args.per_slide, rng)
-    frozen, frozen_heldout = patch_probes(None, train, test)
+    frozen_at: dict[int, tuple[float, float | None]] = {}
+
+    def frozen_probes(size: int) -> tuple[float, float | None]:
+        if size not in frozen_at:
+            frozen_at[size] = frozen_patch_probes(cfg.extract.model, cfg.extract.weights, cached_sizes, size,
+                                                  train, test)
+        return frozen_at[size]
+
+    frozen, frozen_heldout = frozen_probes(base.input_size)
     result = {"data": str(args.data), "classes": classes, "patches": {"train": len(train), "test": len(test)},
+              "input_size": base.input_size,
               "frozen_probe": frozen, "frozen_probe_heldout": frozen_heldout, "per_slide": args.per_slide,
               "train_per_slide": args.train_per_slide, "configs": {}}
     print(f"frozen probe {result['frozen_probe']}, held-out-only {result['frozen_probe_heldout']} "
@@ -112,11 +123,15 @@ def main() -> None:
         ext, info = train_oracle(c, train, args.seed, (train, test), args.probe_every)
         fitted, heldout = patch_probes(ext, train, test)
         res = {**c.describe(), **info, "probe": fitted, "probe_heldout": heldout}
-        res["gain"] = round(res["probe"] - result["frozen_probe"], 4)
-        res["gain_heldout"] = (None if res["probe_heldout"] is None or result["frozen_probe_heldout"] is None
-                               else round(res["probe_heldout"] - result["frozen_probe_heldout"], 4))
+        base_fitted, base_heldout = frozen, frozen_heldout
+        if c.input_size != base.input_size:  # a size= config is compared with the frozen probe at its own size
+            base_fitted, base_heldout = frozen_probes(c.input_size)
+            res["frozen_probe"], res["frozen_probe_heldout"] = base_fitted, base_heldout
+        res["gain"] = round(res["probe"] - base_fitted, 4)
+        res["gain_heldout"] = (None if res["probe_heldout"] is None or base_heldout is None
+                               else round(res["probe_heldout"] - base_heldout, 4))
         result["configs"][spec] = res
-        print(f"{spec}: probe {res['probe']} (frozen {result['frozen_probe']}, gain {res['gain']:+.3f}), held-out-only "
+        print(f"{spec}: probe {res['probe']} (frozen {base_fitted}, gain {res['gain']:+.3f}), held-out-only "
               f"{res['probe_heldout']} (gain {res['gain_heldout']}); "
               f"{info['seconds']} s; curve {info['curve']}", flush=True)
         partial.write_text(json.dumps(result, indent=2))

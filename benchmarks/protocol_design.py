@@ -68,13 +68,14 @@ def check_overrides(overrides: Iterable[str], where: str) -> None:
 
 def pairs_of(arms: Sequence[Arm]) -> list[tuple[str, str]]:
     """(A, B) comparisons, A − B: X:fbta, X:e2e, X:oracle − X:vanilla per head, X:fbta − X:e2e; an arm with
-    overrides − its plain arch:method."""
+    overrides − its plain arch:method and, for a non-vanilla method, − X:vanilla too (an ablation such as
+    ``abmil:fbta:fbta.trainable_extractor=false`` is read both against FBTA and against the baseline)."""
     specs = {a.spec for a in arms}
     out: list[tuple[str, str]] = []
     for a in arms:
         if a.overrides and a.base in specs:
             out.append((a.spec, a.base))
-        elif not a.overrides and a.method != "vanilla" and f"{a.arch}:vanilla" in specs:
+        if a.method != "vanilla" and f"{a.arch}:vanilla" in specs:
             out.append((a.spec, f"{a.arch}:vanilla"))
     out += [(f"{a.arch}:fbta", a.spec) for a in arms if a.spec == f"{a.arch}:e2e" and f"{a.arch}:fbta" in specs]
     return out

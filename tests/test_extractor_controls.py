@@ -62,3 +62,26 @@ def test_held_out_only_probe_needs_two_slides_of_each_class_and_says_how_many_it
     # two slides a class: two folds, each scoring one slide of each class
     x = np.repeat(np.array([[0.0], [0.1], [1.0], [1.1]]), 10, axis=0)
     assert probe_auc_within(x, (groups >= 2).astype(int), groups) == pytest.approx(1.0)
+
+
+def _patch_set(rng: np.random.Generator, n_slides: int, per_slide: int) -> "PatchSet":
+    """Tiny patches whose class shows in their brightness; cached features that carry nothing (all zeros)."""
+    import torch
+    from extractor_controls import PatchSet
+
+    y = np.repeat(np.arange(n_slides) % 2, per_slide)
+    pixels = rng.integers(0, 140, size=(len(y), 32, 32, 3)) + 100 * y[:, None, None, None]
+    return PatchSet(torch.as_tensor(pixels, dtype=torch.uint8), y, np.repeat(np.arange(n_slides), per_slide),
+                    np.zeros((len(y), 4), dtype=np.float32))
+
+
+def test_frozen_probe_is_encoded_at_the_sweeps_size_when_the_cached_features_are_at_another() -> None:
+    from extractor_controls import frozen_patch_probes
+
+    rng = np.random.default_rng(0)
+    train, test = _patch_set(rng, 8, 4), _patch_set(rng, 8, 4)
+    # cached at the sweep's size: the cached (empty) features are the baseline — nothing to read
+    assert frozen_patch_probes("efficientnet_lite0", "random", {64}, 64, train, test) == (0.5, 0.5)
+    # cached at 112 px, the sweep at 64: the frozen extractor is run at 64 px and sees the brightness
+    fitted, heldout = frozen_patch_probes("efficientnet_lite0", "random", {112}, 64, train, test)
+    assert fitted > 0.9 and heldout is not None and heldout > 0.9

@@ -108,7 +108,9 @@ def test_pairs_follow_the_arms() -> None:
     assert arms[6].overrides == ("fbta.k=20", "fbta.m=2") and arms[5].overrides == ("fbta.views=[fb,eb]",)
     assert design.pairs_of(arms) == [("abmil:fbta", "abmil:vanilla"), ("transmil:fbta", "transmil:vanilla"),
                                  ("abmil:fbta:fbta.views=[fb,eb]", "abmil:fbta"),
+                                 ("abmil:fbta:fbta.views=[fb,eb]", "abmil:vanilla"),
                                  ("abmil:fbta:fbta.k=20;fbta.m=2", "abmil:fbta"),
+                                 ("abmil:fbta:fbta.k=20;fbta.m=2", "abmil:vanilla"),
                                  ("abmil:vanilla:train.ema=true", "abmil:vanilla")]
     assert len({a.slug for a in arms}) == len(arms)
     for bad in ("abmil", "abmil:other", "abmil:fbta:train.seed=3", "abmil:fbta:data.out=/x", "abmil:fbta:k"):

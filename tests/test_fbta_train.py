@@ -128,6 +128,8 @@ def test_frozen_extractor_ablation_keeps_the_extractor_as_it_was(cohort, tmp_pat
     tfe_star = torch.load(tmp_path / "out/models/fbta_abmil/extractor.pt", weights_only=True)
     start = create_extractor("test_efficientnet", weights="random").state_dict()
     assert all(torch.equal(v, start[k]) for k, v in tfe_star.items())
+    meta = json.loads((tmp_path / "out/models/fbta_abmil/meta.json").read_text())
+    assert meta["extractor_steps"] == 0 and meta["extractor_steps_at_best"] == 0  # the head took steps, the extractor none
 
 
 def test_fbta_without_clusters_or_with_another_c_stops_before_training(cohort, tmp_path: Path, capsys) -> None:

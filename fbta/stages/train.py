@@ -270,7 +270,10 @@ def _fbta_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset
             result = fit_fbta(models, train_ds, val_ds, cohort.classes, opts, device, hook, resume, probe)
         # TFE* after the last epoch beside the selected one's: did the extractor learn more than was deployed?
         save_last_extractor(model_folder(cfg), models.tfe_ema)
-        result.extra.update(extractor_steps=steps_per_epoch * len(result.history),
-                            extractor_steps_at_best=steps_per_epoch * (result.best_epoch + 1))
+        # steps the *extractor* received: none when it is frozen (fbta.trainable_extractor=false), however many
+        # the head and translator took
+        per_epoch = steps_per_epoch if units else 0
+        result.extra.update(extractor_steps=per_epoch * len(result.history),
+                            extractor_steps_at_best=per_epoch * (result.best_epoch + 1))
         return result
     return fit_model, save_fbta_states

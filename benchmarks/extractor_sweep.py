@@ -123,9 +123,8 @@ def main() -> None:
         ext, info = train_oracle(c, train, args.seed, (train, test), args.probe_every)
         fitted, heldout = patch_probes(ext, train, test)
         res = {**c.describe(), **info, "probe": fitted, "probe_heldout": heldout}
-        base_fitted, base_heldout = frozen, frozen_heldout
-        if c.input_size != base.input_size:  # a size= config is compared with the frozen probe at its own size
-            base_fitted, base_heldout = frozen_probes(c.input_size)
+        base_fitted, base_heldout = frozen_probes(c.input_size)  # a size= config: the frozen probe at its size
+        if c.input_size != base.input_size:
             res["frozen_probe"], res["frozen_probe_heldout"] = base_fitted, base_heldout
         res["gain"] = round(res["probe"] - base_fitted, 4)
         res["gain_heldout"] = (None if res["probe_heldout"] is None or base_heldout is None

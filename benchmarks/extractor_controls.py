@@ -61,6 +61,7 @@ class ExtractorConfig:
     bag: int = 16  # patches per step (FBTA: C·M)
     steps: int = 432
     augment: Augment = Augment()
+    slides_per_step: int = 1  # 1: one slide's patches a step, as FBTA's; more: that many slides, both classes
 
     @classmethod
     def of(cls, cfg: DictConfig, steps: int) -> "ExtractorConfig":
@@ -74,7 +75,7 @@ class ExtractorConfig:
     def describe(self) -> dict:
         return {"model": self.model, "input_size": self.input_size, "train_blocks": self.train_blocks,
                 "freeze_bn": self.freeze_bn, "lr": self.lr, "bag": self.bag, "steps": self.steps,
-                "hed_sigma": self.augment.hed_sigma}
+                "hed_sigma": self.augment.hed_sigma, "slides_per_step": self.slides_per_step}
 
 
 @dataclass
@@ -209,12 +210,43 @@ def _train_mode(ext: Extractor, freeze_bn: bool) -> None:
                 mod.eval()
 
 
+def _one_slide_picks(by_class: dict[int, list[str]], of_slide: dict[str, np.ndarray], bag: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """``bag`` patches of one slide of a class drawn uniformly (FBTA's pseudo-bag)."""
+    group = by_class[sorted(by_class)[int(rng.integers(len(by_class)))]]
+    ix = of_slide[group[int(rng.integers(len(group)))]]
+    return rng.choice(ix, bag, replace=len(ix) < bag)
+
+
+def _mixed_picks(by_class: dict[int, list[str]], of_slide: dict[str, np.ndarray], bag: int, slides: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """``bag`` patches of ``slides`` slides, the slides split evenly between the classes (a class repeats a
+    slide only where it has fewer than its share), ``bag // slides`` patches of each."""
+    per = bag // slides
+    picks: list[int] = []
+    for k, c in enumerate(sorted(by_class)):
+        share = slides // len(by_class) + (k < slides % len(by_class))
+        group = by_class[c]
+        for sid in rng.choice(group, share, replace=len(group) < share):
+            ix = of_slide[str(sid)]
+            if per == 1:
+                picks.append(int(rng.choice(ix)))
+            else:
+                picks += [int(i) for i in rng.choice(ix, per, replace=len(ix) < per)]
+    return np.array(picks)
+
+
 def train_oracle(cfg: ExtractorConfig, train: PatchSet, seed: int,
                  probe_sets: Optional[tuple[PatchSet, PatchSet]] = None, probe_every: int = 0) -> tuple[Extractor, dict]:
     """FBTA's extractor configuration trained on patch targets for ``cfg.steps`` steps of ``cfg.bag`` patches.
 
     Each step's bag is ``cfg.bag`` patches of **one** slide, as FBTA's pseudo-bag is (so BatchNorm in train
-    mode sees the same one-slide batches); slides are drawn class-balanced by their slide label. The same
+    mode sees the same one-slide batches); slides are drawn class-balanced by their slide label. On a
+    subtyping cohort every patch of such a bag has the same target, so each step only says "this slide is
+    class c" — the configuration's batching, not its capacity, may be what stops it. ``cfg.slides_per_step``
+    = S > 1 draws the ``cfg.bag`` patches from S slides, the classes sharing them evenly (S = bag: one patch
+    of each, the ordinary way to train a patch classifier — the oracle that asks whether the extractor can
+    represent the signal at all; S = 4: what ``fbta.extractor_every = 4`` gives FBTA's extractor). The same
     augmentation as FBTA's EB view. ``probe_every``: the held-out probe every that many steps (a curve: does
     the configuration keep learning, or has it stopped?).
     """
@@ -232,13 +264,11 @@ def train_oracle(cfg: ExtractorConfig, train: PatchSet, seed: int,
     by_class: dict[int, list[str]] = {}
     for s in slides:  # a slide's class: its most frequent tumour-patch target (its slide label)
         by_class.setdefault(int(np.bincount(train.y[of_slide[s]]).argmax()), []).append(s)
-    classes = sorted(by_class)
     curve, losses, t0 = [], [], time.perf_counter()
     for step in range(cfg.steps):
         _train_mode(ext, cfg.freeze_bn)
-        group = by_class[classes[int(rng.integers(len(classes)))]]
-        ix = of_slide[group[int(rng.integers(len(group)))]]
-        picks = rng.choice(ix, cfg.bag, replace=len(ix) < cfg.bag)
+        picks = (_mixed_picks(by_class, of_slide, cfg.bag, cfg.slides_per_step, rng) if cfg.slides_per_step > 1
+                 else _one_slide_picks(by_class, of_slide, cfg.bag, rng))
         x = train.pixels[picks].permute(0, 3, 1, 2).float().div(255.0)
         logits = head(ext(ext.preprocess(cfg.augment(x, gen))))
         loss = F.cross_entropy(logits, torch.from_numpy(train.y[picks]))

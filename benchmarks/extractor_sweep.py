@@ -33,7 +33,7 @@ from fbta.io.h5 import read_features
 
 
 def parse_config(spec: str, base: ExtractorConfig) -> ExtractorConfig:
-    """``blocks=3;bn=eval;lr=1.5e-5;steps=1500;size=224;hed=0.2`` over ``base``."""
+    """``blocks=3;bn=eval;lr=1.5e-5;steps=1500;size=224;hed=0.2;batch=mixed`` over ``base``."""
     kw = {}
     for part in filter(None, spec.split(";")):
         k, v = part.split("=", 1)
@@ -49,10 +49,16 @@ def parse_config(spec: str, base: ExtractorConfig) -> ExtractorConfig:
             kw["steps"] = int(v)
         elif k == "size":
             kw["input_size"] = int(v)
+        elif k == "batch":  # slides per step: slide (1, FBTA's one-slide bags), mixed (one patch of each of `bag`
+            # slides: a control of the control) or a number of slides, the classes sharing them evenly
+            n = {"slide": 1, "mixed": base.bag}.get(v) or (int(v) if v.isdigit() else 0)
+            if not 1 <= n <= base.bag or base.bag % n:
+                raise SystemExit(f"batch={v}: choose slide, mixed or a number of slides dividing the bag ({base.bag})")
+            kw["slides_per_step"] = n
         elif k == "hed":  # fbta.augment.hed_sigma: stain jitter against slides told apart by their stain
             kw["augment"] = replace(kw.get("augment", base.augment), hed_sigma=float(v))
         else:
-            raise SystemExit(f"unknown config key {k!r} in {spec!r} (blocks, bn, lr, steps, size, hed)")
+            raise SystemExit(f"unknown config key {k!r} in {spec!r} (blocks, bn, lr, steps, size, hed, batch)")
     return replace(base, **kw)
 
 
@@ -138,7 +144,8 @@ def main() -> None:
     for old in (partial, out.with_suffix(".partial.json")):
         old.unlink(missing_ok=True)
     record(args.name, result, f"oracle (patch targets) in FBTA's extractor configuration, {args.steps} steps of "
-           f"{base.bag}-patch one-slide bags, {cfg.extract.model} {base.input_size} px: held-out patch probe "
+           f"{base.bag}-patch bags (one slide's, unless batch= gives more), {cfg.extract.model} {base.input_size} px: "
+           f"held-out patch probe "
            f"frozen {result['frozen_probe']} (held-out-only {result['frozen_probe_heldout']}); "
            + "; ".join(f"{k} → {v['probe']} ({v['gain']:+.3f}; held-out-only {v.get('probe_heldout', '–')})"
                        for k, v in result["configs"].items()))

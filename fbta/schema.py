@@ -178,6 +178,7 @@ class FBTACfg:
     # | all (every patch; train.method=e2e always uses it)
     max_bag: int = 512  # sampling=all / train.method=e2e: at most this many patches per step (a random subset)
     bags_per_slide: int = 1  # pseudo-bags (steps) per training slide and epoch: more extractor steps, same epochs
+    extractor_every: int = 1  # the TFE steps once every S slides on their averaged gradients (head: every slide); 1: paper
     views: List[View] = field(default_factory=lambda: [View.fb, View.eb, View.tb])  # bags in L_cls/L_cons: fb, eb, tb
     k: int = 10  # K translator heads
     hidden: int = 256  # translator hidden width (a bottleneck keeps K heads small: 10×2×D×256 weights); 0: D

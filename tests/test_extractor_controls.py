@@ -85,3 +85,24 @@ def test_frozen_probe_is_encoded_at_the_sweeps_size_when_the_cached_features_are
     # cached at 112 px, the sweep at 64: the frozen extractor is run at 64 px and sees the brightness
     fitted, heldout = frozen_patch_probes("efficientnet_lite0", "random", {112}, 64, train, test)
     assert fitted > 0.9 and heldout is not None and heldout > 0.9
+
+
+def test_oracle_one_slide_bag_is_one_slide_and_a_mixed_bag_shares_its_slides_evenly_between_the_classes() -> None:
+    from extractor_controls import _mixed_picks, _one_slide_picks
+
+    by_class = {0: [f"a{i}" for i in range(10)], 1: [f"b{i}" for i in range(10)]}
+    of_slide = {s: np.arange(k * 5, k * 5 + 5) for k, s in enumerate(by_class[0] + by_class[1])}
+    slide_of = {int(i): s for s, ix in of_slide.items() for i in ix}
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        one = _one_slide_picks(by_class, of_slide, 16, rng)
+        assert len(one) == 16 and len({slide_of[int(i)] for i in one}) == 1
+        mixed = _mixed_picks(by_class, of_slide, 16, 16, rng)
+        slides = [slide_of[int(i)] for i in mixed]
+        assert len(mixed) == 16 and len(set(slides)) == 16
+        assert sum(s.startswith("a") for s in slides) == 8
+        four = [slide_of[int(i)] for i in _mixed_picks(by_class, of_slide, 16, 4, rng)]  # fbta.extractor_every=4
+        assert sorted(four.count(s) for s in set(four)) == [4, 4, 4, 4] and sum(s.startswith("a") for s in four) == 8
+    few = {0: ["a0", "a1"], 1: ["b0"]}  # fewer slides than the class's share: slides repeat, the balance holds
+    picks = [slide_of[int(i)] for i in _mixed_picks(few, of_slide, 6, 6, rng)]
+    assert sum(s.startswith("a") for s in picks) == 3 and picks.count("b0") == 3

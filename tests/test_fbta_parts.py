@@ -395,3 +395,43 @@ def test_save_translator_writes_the_state_it_is_given_and_a_missing_file_names_t
     (tmp_path / TRANSLATOR).unlink()
     with pytest.raises(CheckpointError, match="translator weights missing"):
         load_translator(tmp_path)
+
+
+def test_extractor_every_s_steps_the_extractor_on_the_mean_gradient_of_s_slides_and_the_head_on_each() -> None:
+    """fbta.extractor_every: the extractor moves at calls S, 2S, … and at each epoch's last call, by one Adam
+    step on the mean of the gradients set aside since its last step; the head moves at every call."""
+    from fbta.e2e.accumulate import ExtractorEvery
+
+    torch.manual_seed(0)
+    head, ext = torch.nn.Linear(4, 2), torch.nn.Linear(3, 4)
+    ref = torch.nn.Linear(3, 4)  # the extractor stepped by hand with the mean gradients
+    ref.load_state_dict(ext.state_dict())
+    groups = [{"params": list(head.parameters()), "lr": 1e-2}, {"params": list(ext.parameters()), "lr": 1e-3}]
+    opt = ExtractorEvery(torch.optim.Adam(groups, weight_decay=1e-5), list(ext.parameters()), every=3, per_epoch=7)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3, weight_decay=1e-5)
+    set_aside: list[list[torch.Tensor]] = []
+    for epoch in range(2):
+        for call in range(1, 8):
+            before_head = [p.detach().clone() for p in head.parameters()]
+            before_ext = [p.detach().clone() for p in ext.parameters()]
+            opt.zero_grad()
+            x = torch.randn(5, 3)
+            torch.nn.functional.cross_entropy(head(ext(x)), torch.randint(0, 2, (5,))).backward()
+            set_aside.append([p.grad.detach().clone() for p in ext.parameters()])
+            opt.step()
+            assert all(not torch.equal(a, b) for a, b in zip(before_head, head.parameters()))
+            moved = [not torch.equal(a, b) for a, b in zip(before_ext, ext.parameters())]
+            if call in (3, 6, 7):  # every third slide, and the epoch's last: nothing crosses into the next epoch
+                assert all(moved)
+                ref_opt.zero_grad()
+                for p, *grads in zip(ref.parameters(), *set_aside):
+                    p.grad = torch.stack(grads).mean(0)
+                ref_opt.step()
+                set_aside = []
+                for a, b in zip(ext.parameters(), ref.parameters()):
+                    torch.testing.assert_close(a, b)
+            else:
+                assert not any(moved)
+    assert opt.extractor_updates_per_epoch == 3
+    with pytest.raises(ValueError, match="extractor_every=0"):
+        ExtractorEvery(ref_opt, list(ref.parameters()), every=0, per_epoch=7)

@@ -132,6 +132,20 @@ def test_frozen_extractor_ablation_keeps_the_extractor_as_it_was(cohort, tmp_pat
     assert meta["extractor_steps"] == 0 and meta["extractor_steps_at_best"] == 0  # the head took steps, the extractor none
 
 
+def test_extractor_every_three_slides_gives_the_extractor_a_third_of_the_steps_and_it_still_learns(
+        cohort, tmp_path: Path) -> None:
+    d, ov = cohort  # 4 training slides: updates after slides 3 and 4 (an epoch's last applies what is set aside)
+    shutil.copytree(d / "out", tmp_path / "out")
+    ov = [o for o in ov if not o.startswith("data.out=")] + [f"data.out={tmp_path}/out"]
+    assert fbta("train", *ov, "train.method=fbta", "fbta.extractor_every=3", "fbta.epochs=1") == 0
+    meta = json.loads((tmp_path / "out/models/fbta_abmil/meta.json").read_text())
+    assert meta["extractor_steps"] == 2 and meta["extractor"]["steps_per_epoch"] == 4  # head: 4 steps
+    last = torch.load(tmp_path / "out/models/fbta_abmil/extractor_last.pt", weights_only=True)
+    start = create_extractor("test_efficientnet", weights="random").state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in last.items() if k.startswith("trunk.conv_head"))
+    assert fbta("train", *ov, "train.method=fbta", "fbta.extractor_every=0") == 2
+
+
 def test_fbta_without_clusters_or_with_another_c_stops_before_training(cohort, tmp_path: Path, capsys) -> None:
     d, ov = cohort
     shutil.copytree(d / "out", tmp_path / "out")
@@ -149,6 +163,14 @@ def test_bad_fbta_choices_are_one_line_errors(cohort, capsys) -> None:
     assert "fbta.views" in capsys.readouterr().err
     assert fbta("infer", *ov, "train.method=vanilla") == 2
     assert "set train.method=fbta" in capsys.readouterr().err
+
+
+def test_fbta_on_features_cached_at_another_input_size_stops_and_names_both_sizes(cohort, capsys) -> None:
+    _, ov = cohort  # the cohort's features are at the params' 112 px; a 96-px TFE would be another feature space
+    for method in ("fbta", "e2e"):
+        assert fbta("train", *ov, f"train.method={method}", "extract.input_size=96") == 2
+        err = capsys.readouterr().err
+        assert "extracted at 112 px but extract.input_size=96" in err and "set extract.input_size=112" in err
 
 
 def test_the_registered_fbta_classifier_is_translator_plus_ema_mil_and_answers_like_the_folder(trained, tmp_path) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from fbta.e2e.accumulate import ExtractorEvery
 from fbta.e2e.classifier import SlideClassifier
 from fbta.e2e.diagnostics import ProbePatches, gap_and_drift, tumour_share
 from fbta.e2e.pseudobags import EpochPlan, PseudoBags
@@ -54,6 +55,7 @@ class FBTAOptions:
     min_epochs: int = 0  # epochs before this one are never "best" nor count toward patience
     balanced: bool = True
     bags_per_slide: int = 1  # steps per training slide and epoch
+    extractor_every: int = 1  # the extractor steps once every S slides (fbta/e2e/accumulate.py); 1: every slide
     seed: int = 0
     num_workers: int = 2
     prefetch: int = 2
@@ -128,9 +130,12 @@ class FBTA(Method):
         for mod in (m.mil, m.translator, m.tfe, m.mil_ema, m.tfe_ema):
             mod.to(device)
         self.m, self.val, self.classes, self.o, self.device, self.probe = m, val, classes, o, device, probe
-        self.optimiser = _optimiser(m, o)
         self.ema = EMA(m.teachers(), o.ema_alpha, o.ema_every, o.ema_warmup)
         self.plan = EpochPlan(train.labels, o.seed, o.balanced, o.bags_per_slide)
+        self.optimiser = _optimiser(m, o)
+        if o.extractor_every > 1:
+            self.optimiser = ExtractorEvery(self.optimiser, [p for p in m.tfe.parameters() if p.requires_grad],
+                                            o.extractor_every, len(self.plan))
         # the loader's own generator: worker seeds must not draw from the global RNG that dropout uses, or a
         # resumed run (whose persistent workers start at a later epoch) would drift from an uninterrupted one
         self.loader = DataLoader(train, batch_size=None, sampler=self.plan, num_workers=o.num_workers,

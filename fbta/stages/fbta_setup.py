@@ -7,7 +7,7 @@ exactly what ``fbta train train.method=fbta`` builds; the library below
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -38,8 +38,8 @@ def check_fbta_config(cfg: DictConfig) -> None:
         raise ConfigError(f"fbta.views is empty: choose a non-empty subset of {', '.join(VIEWS)}")
     if not 0.0 <= f.ema_alpha < 1.0:
         raise ConfigError(f"fbta.ema_alpha={f.ema_alpha} must be in [0, 1)")
-    if f.m < 1 or f.k < 1:
-        raise ConfigError(f"fbta.m={f.m} and fbta.k={f.k} must be ≥ 1")
+    if f.m < 1 or f.k < 1 or f.extractor_every < 1:
+        raise ConfigError(f"fbta.m={f.m}, fbta.k={f.k} and fbta.extractor_every={f.extractor_every} must be ≥ 1")
     if f.diag_slides < 0 or f.diag_patches < 0:
         raise ConfigError(f"fbta.diag_slides={f.diag_slides} and fbta.diag_patches={f.diag_patches} must be ≥ 0")
 
@@ -83,16 +83,25 @@ def val_slides(cfg: DictConfig, items: Sequence[BagItem]) -> list[ValSlide]:
     return [ValSlide(s.item.path, s.slide_path, s.csv_mpp) for s in slide_sources(cfg, items)]
 
 
-def build_tfe(cfg: DictConfig, in_dim: int, device: torch.device, features_weights: str | None) -> tuple[Extractor, list[str]]:
-    """The trainable extractor, initialised from the frozen one's weights; checked against the cached features."""
+def build_tfe(cfg: DictConfig, in_dim: int, device: torch.device, features: Mapping[str, Any]) -> tuple[Extractor, list[str]]:
+    """The trainable extractor, initialised from the frozen one's weights; checked against the cached features
+    (``features``: one training slide's h5 attributes) — the translator maps cached features into the trainable
+    extractor's space, so both must come from the same model, weights and input size."""
     tfe = create_extractor(cfg.extract.model, weights=cfg.extract.weights, trainable=True, device=device,
                            input_size=cfg.extract.input_size)
     if tfe.dim != in_dim:
         raise ConfigError(f"extract.model={cfg.extract.model} gives {tfe.dim}-d features but the cached features "
                           f"are {in_dim}-d: FBTA's extractor must be the one that made them")
-    if features_weights and features_weights != tfe.weights_id:
-        raise ConfigError(f"the cached features were made with weights {features_weights} but extract.weights "
+    weights = features.get("weights")
+    if weights and weights != tfe.weights_id:
+        raise ConfigError(f"the cached features were made with weights {weights} but extract.weights "
                           f"resolves to {tfe.weights_id}: re-run `fbta extract` or set extract.weights")
+    size = int(features.get("input_size", 0))
+    if size and size != tfe.input_size:
+        raise ConfigError(f"the cached features were extracted at {size} px but extract.input_size="
+                          f"{tfe.input_size}: FBTA's translator would bridge two input sizes, not frozen and "
+                          f"trained features; set extract.input_size={size} or re-run `fbta extract` at "
+                          f"{tfe.input_size} px")
     units = prepare_tfe(tfe, cfg.fbta.trainable_extractor, cfg.fbta.train_blocks, cfg.fbta.freeze_bn)
     return tfe, units
 
@@ -119,7 +128,7 @@ def options(cfg: DictConfig, e2e: bool = False) -> FBTAOptions:
     return FBTAOptions(epochs=f.epochs if f.epochs is not None else t.epochs, patience=t.patience, lr=t.lr, translator_lr=f.translator_lr,
                        extractor_lr=f.extractor_lr, weight_decay=t.weight_decay, ema_alpha=f.ema_alpha,
                        ema_every=f.ema_every, ema_warmup=f.ema_warmup, min_epochs=t.min_epochs,
-                       balanced=t.balanced, bags_per_slide=f.bags_per_slide, seed=t.seed, num_workers=fit_workers(f.num_workers, "fbta.num_workers"),
+                       balanced=t.balanced, bags_per_slide=f.bags_per_slide, extractor_every=f.extractor_every, seed=t.seed, num_workers=fit_workers(f.num_workers, "fbta.num_workers"),
                        prefetch=f.prefetch, progress=cfg.run.progress, step=step)
 
 

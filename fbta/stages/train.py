@@ -239,10 +239,8 @@ def _fbta_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset
     from fbta.e2e.trainer import fit_fbta
     from fbta.io.h5 import read_features
 
-    first = cohort.parts["train"][0]
-    weights = read_features(first.path)[2].get("weights")
     e2e = cfg.train.method == "e2e"
-    tfe, units = build_tfe(cfg, cohort.in_dim, device, weights)
+    tfe, units = build_tfe(cfg, cohort.in_dim, device, read_features(cohort.parts["train"][0].path)[2])
     models = build_models(cfg, head, tfe, identity=e2e)
     train_ds = pseudo_bags(cfg, cohort.parts["train"], whole=e2e)
     meta.update(fbta_meta(cfg, models, units))
@@ -272,7 +270,7 @@ def _fbta_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset
         save_last_extractor(model_folder(cfg), models.tfe_ema)
         # steps the *extractor* received: none when it is frozen (fbta.trainable_extractor=false), however many
         # the head and translator took
-        per_epoch = steps_per_epoch if units else 0
+        per_epoch = -(-steps_per_epoch // cfg.fbta.extractor_every) if units else 0  # fbta.extractor_every: fewer
         result.extra.update(extractor_steps=per_epoch * len(result.history),
                             extractor_steps_at_best=per_epoch * (result.best_epoch + 1))
         return result

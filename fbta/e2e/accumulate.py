@@ -22,6 +22,11 @@ import torch
 from torch import Tensor, nn
 
 
+def extractor_updates(slides: int, every: int) -> int:
+    """Extractor updates in an epoch of ``slides`` steps: one per ``every`` slides, the last one possibly short."""
+    return -(-slides // every)
+
+
 class ExtractorEvery:
     """``torch.optim.Adam``'s interface for the training loop; the extractor's group is stepped every ``every``
     calls of :meth:`step` and at each epoch's last (``per_epoch`` calls make an epoch)."""
@@ -56,7 +61,7 @@ class ExtractorEvery:
 
     @property
     def extractor_updates_per_epoch(self) -> int:
-        return -(-self.per_epoch // self.every)
+        return extractor_updates(self.per_epoch, self.every)
 
     def state_dict(self) -> dict[str, Any]:
         return self.adam.state_dict()  # nothing is set aside between epochs, when resume.pt is written

@@ -237,10 +237,11 @@ def _fbta_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset
     from fbta.stages.fbta_setup import (build_models, build_tfe, fbta_meta, options, probe_patches, pseudo_bags,
                                         val_slides)
     from fbta.e2e.trainer import fit_fbta
-    from fbta.io.h5 import read_features
+    from fbta.e2e.accumulate import extractor_updates
+    from fbta.io.h5 import feature_file_attrs
 
     e2e = cfg.train.method == "e2e"
-    tfe, units = build_tfe(cfg, cohort.in_dim, device, read_features(cohort.parts["train"][0].path)[2])
+    tfe, units = build_tfe(cfg, cohort.in_dim, device, feature_file_attrs(cohort.parts["train"][0].path)[0])
     models = build_models(cfg, head, tfe, identity=e2e)
     train_ds = pseudo_bags(cfg, cohort.parts["train"], whole=e2e)
     meta.update(fbta_meta(cfg, models, units))
@@ -270,7 +271,7 @@ def _fbta_fit(cfg: DictConfig, head: MILHead, cohort: Cohort, val_ds: BagDataset
         save_last_extractor(model_folder(cfg), models.tfe_ema)
         # steps the *extractor* received: none when it is frozen (fbta.trainable_extractor=false), however many
         # the head and translator took
-        per_epoch = -(-steps_per_epoch // cfg.fbta.extractor_every) if units else 0  # fbta.extractor_every: fewer
+        per_epoch = extractor_updates(steps_per_epoch, cfg.fbta.extractor_every) if units else 0
         result.extra.update(extractor_steps=per_epoch * len(result.history),
                             extractor_steps_at_best=per_epoch * (result.best_epoch + 1))
         return result
